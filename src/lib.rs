@@ -1,0 +1,42 @@
+//! # devft: Developmental Federated Tuning on burn
+//!
+//! devft fine-tunes LoRA adapters of Llama-family language models across many federated
+//! clients, following DevFT: early stages train a small submodel made by grouping similar
+//! decoder layers and fusing each group into one; each later stage grows the submodel until the
+//! last trains the full model.
+//!
+//! This release provides the foundation: a Llama / Mistral / Qwen2 / SmolLM2 decoder with LoRA
+//! adapters that matches transformers and PEFT ([`model`]), the parameter maps every later
+//! component exchanges ([`ParamMap`]), HuggingFace tokenizers and prompt templates
+//! ([`tokenizer`]), and backend selection ([`device`]).
+//!
+//! ```no_run
+//! use devft::prelude::*;
+//!
+//! let device = devft::device::default_device()?;
+//! let model = CausalLm::load("path/to/hf-model", &device)?;
+//! let model = devft::model::import_adapter(&model, "path/to/peft-adapter")?;
+//! let answer = model.generate_greedy(&[1, 2, 3], 16, &[2])?;
+//! # Ok::<(), devft::Error>(())
+//! ```
+#![warn(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+pub mod device;
+mod error;
+pub mod model;
+mod params;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use params::{HostTensor, ParamMap, TensorSource};
+
+/// The types most programs need.
+pub mod prelude {
+    pub use crate::model::{
+        CausalLm, DecoderConfig, LoraConfig, Projection, export_adapter, import_adapter,
+        next_token_loss,
+    };
+    pub use crate::tokenizer::{ChatTurn, PromptTemplate, Role, Tokenizer};
+    pub use crate::{Error, HostTensor, ParamMap, Result};
+}

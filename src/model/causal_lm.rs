@@ -1,0 +1,465 @@
+//! The full causal language model: embeddings, decoder layers, final norm and LM head
+//! (transformers' `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`).
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, RmsNorm};
+use burn::tensor::module::linear;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+use crate::model::attention::{AttentionContext, LayerCache};
+use crate::model::checkpoint::Checkpoint;
+use crate::model::config::{DecoderConfig, HfConfig};
+use crate::model::decoder::{DecoderLayer, TensorSpec, frozen_norm, layer_tensor_specs};
+use crate::model::lora::LoraConfig;
+use crate::model::rope::RotaryEmbedding;
+use crate::params::{HostTensor, ParamMap, TensorSource};
+
+/// Keys and values of every layer for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<LayerCache>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+
+    /// The number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A Llama-family causal language model with optional LoRA adapters.
+///
+/// Every base parameter is frozen; only adapters (attached with [`CausalLm::with_lora`] or
+/// imported from PEFT) are trainable. Build one from a HuggingFace directory with
+/// [`CausalLm::load`], or a random one with [`CausalLm::random`].
+#[derive(Module, Debug)]
+pub struct CausalLm {
+    /// Token embedding, `[vocab, hidden]`.
+    pub embed_tokens: Embedding,
+    /// The decoder layers, in order.
+    pub layers: Vec<DecoderLayer>,
+    /// Final RMSNorm.
+    pub norm: RmsNorm,
+    /// LM head weight `[hidden, vocab]`; `None` when tied to the embedding.
+    pub lm_head: Option<Param<Tensor<2>>>,
+    #[module(skip)]
+    config: DecoderConfig,
+    #[module(skip)]
+    rope: RotaryEmbedding,
+    #[module(skip)]
+    lora: Option<LoraConfig>,
+}
+
+/// Top-level (non-layer) tensors in transformers' naming.
+fn top_level_specs(config: &DecoderConfig) -> Vec<TensorSpec> {
+    let mut specs = vec![
+        TensorSpec {
+            name: "model.embed_tokens.weight".into(),
+            shape: vec![config.vocab_size, config.hidden_size],
+        },
+        TensorSpec {
+            name: "model.norm.weight".into(),
+            shape: vec![config.hidden_size],
+        },
+    ];
+    if !config.tie_word_embeddings {
+        specs.push(TensorSpec {
+            name: "lm_head.weight".into(),
+            shape: vec![config.vocab_size, config.hidden_size],
+        });
+    }
+    specs
+}
+
+fn layer_prefix(index: usize) -> String {
+    format!("model.layers.{index}.")
+}
+
+impl CausalLm {
+    /// Loads a HuggingFace model directory (`config.json` plus `model.safetensors` or a sharded
+    /// index) onto `device`.
+    ///
+    /// # Errors
+    ///
+    /// Any error of [`HfConfig::load`], [`HfConfig::resolve`], [`Checkpoint::open`] and
+    /// [`CausalLm::from_source`].
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = HfConfig::load(dir.join("config.json"))?.resolve()?;
+        let checkpoint = Checkpoint::open(dir)?;
+        Self::from_source(config, &checkpoint, device)
+    }
+
+    /// Builds the model from tensors in transformers' naming and layout, one layer at a time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingTensor`], [`Error::UnexpectedTensor`] (names the model has no place for,
+    /// other than `rotary_emb.inv_freq` buffers and a redundant tied `lm_head.weight`) or
+    /// [`Error::ShapeMismatch`], each naming the tensor.
+    pub fn from_source(
+        config: DecoderConfig,
+        source: &impl TensorSource,
+        device: &Device,
+    ) -> Result<Self> {
+        let names = source.tensor_names();
+        let layer_specs = layer_tensor_specs(&config);
+        let top_specs = top_level_specs(&config);
+        let known = |name: &str| -> bool {
+            if top_specs.iter().any(|s| s.name == name)
+                || name.ends_with("rotary_emb.inv_freq")
+                || (config.tie_word_embeddings && name == "lm_head.weight")
+            {
+                return true;
+            }
+            name.strip_prefix("model.layers.")
+                .and_then(|rest| rest.split_once('.'))
+                .is_some_and(|(index, inner)| {
+                    index.parse::<usize>().is_ok_and(|i| i < config.num_layers)
+                        && layer_specs.iter().any(|s| s.name == inner)
+                })
+        };
+        if let Some(extra) = names.iter().find(|n| !known(n)) {
+            return Err(Error::UnexpectedTensor {
+                name: extra.clone(),
+            });
+        }
+        let load = |spec: &TensorSpec| -> Result<HostTensor> {
+            let tensor = source.load_tensor(&spec.name)?;
+            if tensor.shape() != spec.shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    found: tensor.shape().to_vec(),
+                });
+            }
+            Ok(tensor)
+        };
+        let embed = load(&top_specs[0])?;
+        let norm = load(&top_specs[1])?;
+        let lm_head = top_specs.get(2).map(load).transpose()?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let prefix = layer_prefix(i);
+            let mut params = ParamMap::new();
+            for spec in &layer_specs {
+                let full = TensorSpec {
+                    name: format!("{prefix}{}", spec.name),
+                    shape: spec.shape.clone(),
+                };
+                params.insert(spec.name.clone(), load(&full)?);
+            }
+            layers.push(DecoderLayer::from_params(&config, &params, device)?);
+        }
+        Self::assemble(config, &embed, layers, &norm, lm_head.as_ref(), device)
+    }
+
+    fn assemble(
+        config: DecoderConfig,
+        embed: &HostTensor,
+        layers: Vec<DecoderLayer>,
+        norm: &HostTensor,
+        lm_head: Option<&HostTensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let rope = RotaryEmbedding::new(config.head_dim, config.rope_theta, config.rope_scaling);
+        let lm_head = lm_head
+            .map(|w| -> Result<_> {
+                Ok(Param::from_tensor(w.transposed()?.to_tensor(device)?).set_require_grad(false))
+            })
+            .transpose()?;
+        Ok(Self {
+            embed_tokens: Embedding {
+                weight: Param::from_tensor(embed.to_tensor(device)?).set_require_grad(false),
+            },
+            layers,
+            norm: frozen_norm(norm, config.rms_norm_eps, device)?,
+            lm_head,
+            config,
+            rope,
+            lora: None,
+        })
+    }
+
+    /// A randomly initialised model (uniform weights with standard deviation 0.02, unit norms),
+    /// seeded, for tests and benchmarks.
+    pub fn random(config: DecoderConfig, seed: u64, device: &Device) -> Result<Self> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let bound = 0.02 * 3f32.sqrt();
+        let mut sample = |shape: &[usize]| -> HostTensor {
+            let len = shape.iter().product();
+            let values = (0..len).map(|_| rng.random_range(-bound..bound)).collect();
+            HostTensor::new(shape.to_vec(), values).expect("length matches shape")
+        };
+        let mut params = ParamMap::new();
+        for spec in top_level_specs(&config) {
+            let tensor = if spec.shape.len() == 1 {
+                HostTensor::new(spec.shape.clone(), vec![1.0; spec.shape[0]])?
+            } else {
+                sample(&spec.shape)
+            };
+            params.insert(spec.name, tensor);
+        }
+        for i in 0..config.num_layers {
+            for spec in layer_tensor_specs(&config) {
+                let tensor = if spec.name.ends_with("layernorm.weight") {
+                    HostTensor::new(spec.shape.clone(), vec![1.0; spec.shape[0]])?
+                } else {
+                    sample(&spec.shape)
+                };
+                params.insert(format!("{}{}", layer_prefix(i), spec.name), tensor);
+            }
+        }
+        Self::from_source(config, &params, device)
+    }
+
+    /// Attaches fresh LoRA adapters to every layer: `A` drawn as PEFT does
+    /// (Kaiming-uniform, bound `1/sqrt(d_in)`), `B = 0`, so the model's output is unchanged.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when `config` fails [`LoraConfig::validate`].
+    pub fn with_lora(mut self, config: &LoraConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let device = self.device();
+        for layer in &mut self.layers {
+            layer.attach_lora(config, &device, |_, a_shape, b_shape| {
+                let bound = 1.0 / (a_shape[1] as f32).sqrt();
+                let a = (0..a_shape[0] * a_shape[1])
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                (
+                    HostTensor::new(a_shape.to_vec(), a).expect("length matches shape"),
+                    HostTensor::zeros(b_shape.to_vec()),
+                )
+            })?;
+        }
+        self.lora = Some(config.clone());
+        Ok(self)
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.config
+    }
+
+    /// The LoRA configuration of the attached adapters, if any.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.weight.val().device()
+    }
+
+    /// The number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Every base tensor, in transformers' naming and layout.
+    pub fn base_params(&self) -> ParamMap {
+        let mut params = ParamMap::new();
+        params.insert(
+            "model.embed_tokens.weight",
+            HostTensor::from_tensor(self.embed_tokens.weight.val()),
+        );
+        params.insert(
+            "model.norm.weight",
+            HostTensor::from_tensor(self.norm.gamma.val()),
+        );
+        if let Some(head) = &self.lm_head {
+            let head = HostTensor::from_tensor(head.val());
+            params.insert("lm_head.weight", head.transposed().expect("2-D"));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let prefix = layer_prefix(i);
+            for (name, tensor) in layer.base_params() {
+                params.insert(format!("{prefix}{name}"), tensor);
+            }
+        }
+        params
+    }
+
+    /// Every LoRA tensor, in PEFT's layout, named `model.layers.{i}.{path}.lora_A.weight` etc.
+    /// (PEFT's saved keys without the `base_model.model.` prefix).
+    pub fn lora_params(&self) -> ParamMap {
+        let mut params = ParamMap::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let prefix = layer_prefix(i);
+            for (name, tensor) in layer.lora_params() {
+                params.insert(format!("{prefix}{name}"), tensor);
+            }
+        }
+        params
+    }
+
+    /// Overwrites every adapter from a map named as [`CausalLm::lora_params`] names it.
+    ///
+    /// All tensors are checked before any is written, so on error the model is unchanged.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingTensor`], [`Error::UnexpectedTensor`], [`Error::ShapeMismatch`] or
+    /// [`Error::NonFinite`], naming the tensor.
+    pub fn load_lora_params(&mut self, params: &ParamMap) -> Result<()> {
+        let mut per_layer = vec![ParamMap::new(); self.layers.len()];
+        for (name, tensor) in params.iter() {
+            let slot = name
+                .strip_prefix("model.layers.")
+                .and_then(|rest| rest.split_once('.'))
+                .and_then(|(index, inner)| Some((index.parse::<usize>().ok()?, inner)))
+                .filter(|(index, _)| *index < self.layers.len());
+            let Some((index, inner)) = slot else {
+                return Err(Error::UnexpectedTensor {
+                    name: name.to_string(),
+                });
+            };
+            per_layer[index].insert(inner, tensor.clone());
+        }
+        let mut updated = self.layers.clone();
+        for (i, (layer, params)) in updated.iter_mut().zip(&per_layer).enumerate() {
+            layer
+                .load_lora_params(params)
+                .map_err(|e| prefix_error(e, &layer_prefix(i)))?;
+        }
+        self.layers = updated;
+        Ok(())
+    }
+
+    /// Saves `config.json` and `model.safetensors` (base weights only) into `dir`, in
+    /// transformers' format, so that transformers and [`CausalLm::load`] can read it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the directory or files cannot be written.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let config_path = dir.join("config.json");
+        let json = serde_json::to_string_pretty(&self.config.to_hf_config())
+            .map_err(|e| Error::json(&config_path, e))?;
+        std::fs::write(&config_path, json).map_err(|e| Error::io(&config_path, e))?;
+        self.base_params()
+            .save_safetensors(dir.join("model.safetensors"))
+    }
+
+    /// Logits for every position.
+    ///
+    /// # Shapes
+    ///
+    /// - input_ids: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
+        self.forward_inner(input_ids, None)
+    }
+
+    /// Logits for the new positions, attending over the cached ones; the cache is extended.
+    ///
+    /// # Shapes
+    ///
+    /// - input_ids: `[batch, new]`
+    /// - output: `[batch, new, vocab]`
+    pub fn forward_cached(&self, input_ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+        self.forward_inner(input_ids, Some(cache))
+    }
+
+    fn forward_inner(
+        &self,
+        input_ids: Tensor<2, Int>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let [_, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let (cos, sin) = self.rope.tables(past, seq, &device);
+        let context = AttentionContext {
+            cos,
+            sin,
+            mask: self.attention_mask(past, seq, &device),
+        };
+        let mut x = self.embed_tokens.forward(input_ids);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &context, slot);
+        }
+        if let Some(cache) = cache {
+            cache.len += seq;
+        }
+        let x = self.norm.forward(x);
+        let head = match &self.lm_head {
+            Some(head) => head.val(),
+            None => self.embed_tokens.weight.val().transpose(),
+        };
+        linear(x, head, None)
+    }
+
+    /// `true` where query `past + i` may not see key `j`: the future, and keys beyond the
+    /// sliding window.
+    fn attention_mask(&self, past: usize, seq: usize, device: &Device) -> Option<Tensor<4, Bool>> {
+        let total = past + seq;
+        let window = self.config.sliding_window.filter(|w| *w < total);
+        if seq == 1 && window.is_none() {
+            return None;
+        }
+        let mut mask = Vec::with_capacity(seq * total);
+        for i in 0..seq {
+            let query = past + i;
+            for key in 0..total {
+                let future = key > query;
+                let outside = window.is_some_and(|w| query - key.min(query) >= w);
+                mask.push(future || outside);
+            }
+        }
+        Some(Tensor::from_data(
+            TensorData::new(mask, [1, 1, seq, total]),
+            device,
+        ))
+    }
+}
+
+/// Adds the layer prefix to the tensor name an error carries.
+fn prefix_error(error: Error, prefix: &str) -> Error {
+    match error {
+        Error::MissingTensor { name } => Error::MissingTensor {
+            name: format!("{prefix}{name}"),
+        },
+        Error::UnexpectedTensor { name } => Error::UnexpectedTensor {
+            name: format!("{prefix}{name}"),
+        },
+        Error::ShapeMismatch {
+            name,
+            expected,
+            found,
+        } => Error::ShapeMismatch {
+            name: format!("{prefix}{name}"),
+            expected,
+            found,
+        },
+        Error::NonFinite { name } => Error::NonFinite {
+            name: format!("{prefix}{name}"),
+        },
+        other => other,
+    }
+}

@@ -1,0 +1,237 @@
+//! LoRA: a frozen linear layer plus a trainable low-rank update.
+//!
+//! `y = x W + b + (alpha / r) · dropout(x) A B`, with `A: [d_in, r]` and `B: [r, d_out]` (burn's
+//! `[in, out]` layout; PEFT stores the transposes, `lora_A: [r, in]`, `lora_B: [out, r]`, and the
+//! conversion happens only at the PEFT boundary, [`crate::model::peft`]).
+//!
+//! The update is applied as two thin matmuls (`(x A) B`), never as a dense `A B` delta: the
+//! backward pass then needs no `d_in x d_out` gradient for the frozen weight. See
+//! docs/performance.md for the measurement against burn's built-in `apply_lora`, which merges the
+//! delta into the weight on every forward.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::params::HostTensor;
+
+/// The seven projections of a Llama-family decoder layer that LoRA can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Projection {
+    /// `self_attn.q_proj`
+    #[serde(rename = "q_proj")]
+    Q,
+    /// `self_attn.k_proj`
+    #[serde(rename = "k_proj")]
+    K,
+    /// `self_attn.v_proj`
+    #[serde(rename = "v_proj")]
+    V,
+    /// `self_attn.o_proj`
+    #[serde(rename = "o_proj")]
+    O,
+    /// `mlp.gate_proj`
+    #[serde(rename = "gate_proj")]
+    Gate,
+    /// `mlp.up_proj`
+    #[serde(rename = "up_proj")]
+    Up,
+    /// `mlp.down_proj`
+    #[serde(rename = "down_proj")]
+    Down,
+}
+
+impl Projection {
+    /// All seven, in the order DevFT concatenates them: q, k, v, o, gate, up, down.
+    pub const ALL: [Projection; 7] = [
+        Projection::Q,
+        Projection::K,
+        Projection::V,
+        Projection::O,
+        Projection::Gate,
+        Projection::Up,
+        Projection::Down,
+    ];
+
+    /// The module name PEFT's `target_modules` uses (`q_proj`, ..., `down_proj`).
+    pub fn module_name(self) -> &'static str {
+        match self {
+            Projection::Q => "q_proj",
+            Projection::K => "k_proj",
+            Projection::V => "v_proj",
+            Projection::O => "o_proj",
+            Projection::Gate => "gate_proj",
+            Projection::Up => "up_proj",
+            Projection::Down => "down_proj",
+        }
+    }
+
+    /// The path inside a decoder layer (`self_attn.q_proj`, `mlp.down_proj`, ...).
+    pub fn path(self) -> &'static str {
+        match self {
+            Projection::Q => "self_attn.q_proj",
+            Projection::K => "self_attn.k_proj",
+            Projection::V => "self_attn.v_proj",
+            Projection::O => "self_attn.o_proj",
+            Projection::Gate => "mlp.gate_proj",
+            Projection::Up => "mlp.up_proj",
+            Projection::Down => "mlp.down_proj",
+        }
+    }
+
+    /// Parses a PEFT module name.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a name that is not one of the seven.
+    pub fn from_module_name(name: &str) -> crate::Result<Self> {
+        Projection::ALL
+            .into_iter()
+            .find(|p| p.module_name() == name)
+            .ok_or_else(|| {
+                Error::InvalidConfig(format!(
+                    "unknown LoRA target module `{name}` (expected q_proj, k_proj, v_proj, \
+                     o_proj, gate_proj, up_proj or down_proj)"
+                ))
+            })
+    }
+}
+
+/// LoRA hyper-parameters, with PEFT's names and meanings.
+#[derive(Config, Debug, PartialEq)]
+pub struct LoraConfig {
+    /// Rank `r` of the update.
+    pub r: usize,
+    /// `lora_alpha`; the update is scaled by `lora_alpha / r`.
+    pub lora_alpha: f64,
+    /// Dropout on the adapter's input during training. Default: 0.0.
+    #[config(default = 0.0)]
+    pub lora_dropout: f64,
+    /// Which projections get an adapter. Default: all seven.
+    #[config(default = "Projection::ALL.to_vec()")]
+    pub target_modules: Vec<Projection>,
+}
+
+impl LoraConfig {
+    /// The scale `lora_alpha / r` applied to the update.
+    pub fn scaling(&self) -> f64 {
+        self.lora_alpha / self.r as f64
+    }
+
+    /// Checks the values.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when `r` is 0, `lora_alpha` is not finite, the dropout is outside
+    /// `[0, 1)`, or no target is given.
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.r == 0 {
+            return Err(Error::InvalidConfig(
+                "LoRA rank `r` must be positive".into(),
+            ));
+        }
+        if !self.lora_alpha.is_finite() {
+            return Err(Error::InvalidConfig("`lora_alpha` must be finite".into()));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(Error::InvalidConfig(format!(
+                "`lora_dropout` ({}) must lie in [0, 1)",
+                self.lora_dropout
+            )));
+        }
+        if self.target_modules.is_empty() {
+            return Err(Error::InvalidConfig("no LoRA target module given".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The trainable low-rank pair of one projection.
+#[derive(Module, Debug)]
+pub struct LowRankAdapter {
+    /// `A: [d_in, r]`.
+    pub a: Param<Tensor<2>>,
+    /// `B: [r, d_out]`.
+    pub b: Param<Tensor<2>>,
+    /// `lora_alpha / r`.
+    pub scaling: f64,
+    /// Dropout on the adapter's input.
+    pub dropout: Dropout,
+}
+
+impl LowRankAdapter {
+    /// Builds an adapter from host tensors in burn layout (`a: [d_in, r]`, `b: [r, d_out]`).
+    pub(crate) fn from_host(
+        a: &HostTensor,
+        b: &HostTensor,
+        scaling: f64,
+        dropout: f64,
+        device: &Device,
+    ) -> crate::Result<Self> {
+        Ok(Self {
+            a: Param::from_tensor(a.to_tensor(device)?),
+            b: Param::from_tensor(b.to_tensor(device)?),
+            scaling,
+            dropout: DropoutConfig::new(dropout).init(),
+        })
+    }
+
+    /// The rank `r`.
+    pub fn rank(&self) -> usize {
+        self.a.shape().dims::<2>()[1]
+    }
+}
+
+/// A frozen linear layer with an optional LoRA adapter.
+#[derive(Module, Debug)]
+pub struct LoraLinear {
+    /// The frozen base layer (`weight: [d_in, d_out]`).
+    pub base: Linear,
+    /// The adapter, when this projection is a LoRA target.
+    pub adapter: Option<LowRankAdapter>,
+}
+
+impl LoraLinear {
+    /// A frozen layer from a weight in burn layout `[d_in, d_out]` and an optional bias.
+    pub(crate) fn frozen(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self {
+            base: Linear {
+                weight: Param::from_tensor(weight).set_require_grad(false),
+                bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
+            },
+            adapter: None,
+        }
+    }
+
+    /// `[d_in, d_out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        self.base.weight.shape().dims()
+    }
+
+    /// Applies the layer.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[..., d_in]`
+    /// - output: `[..., d_out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let base = linear(
+            x.clone(),
+            self.base.weight.val(),
+            self.base.bias.as_ref().map(|b| b.val()),
+        );
+        match &self.adapter {
+            None => base,
+            Some(adapter) => {
+                let x = adapter.dropout.forward(x);
+                let low = linear(linear(x, adapter.a.val(), None), adapter.b.val(), None);
+                base + low.mul_scalar(adapter.scaling)
+            }
+        }
+    }
+}

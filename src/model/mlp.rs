@@ -1,0 +1,29 @@
+//! The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use burn::tensor::activation::silu;
+
+use crate::model::lora::LoraLinear;
+
+/// SwiGLU MLP of a Llama-family layer.
+#[derive(Module, Debug)]
+pub struct SwiGluMlp {
+    /// Gate projection, `[hidden, intermediate]`.
+    pub gate_proj: LoraLinear,
+    /// Up projection, `[hidden, intermediate]`.
+    pub up_proj: LoraLinear,
+    /// Down projection, `[intermediate, hidden]`.
+    pub down_proj: LoraLinear,
+}
+
+impl SwiGluMlp {
+    /// # Shapes
+    ///
+    /// - x: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}

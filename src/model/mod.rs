@@ -1,0 +1,29 @@
+//! Llama-family decoders with LoRA: configuration, layers, checkpoint loading, PEFT interop and
+//! generation.
+//!
+//! The architecture follows transformers' `modeling_llama.py` (which Mistral and Qwen2 share up
+//! to biases, tying and sliding windows): pre-norm RMSNorm layers, rotary embeddings in the
+//! `rotate_half` layout, grouped-query causal attention, and a SwiGLU MLP.
+
+mod attention;
+mod causal_lm;
+mod checkpoint;
+mod config;
+mod decoder;
+mod generate;
+mod lora;
+mod loss;
+mod mlp;
+pub mod peft;
+mod rope;
+
+pub use attention::{AttentionContext, LayerCache, SelfAttention};
+pub use causal_lm::{CausalLm, KvCache};
+pub use checkpoint::Checkpoint;
+pub use config::{DecoderConfig, HfConfig, RopeParameters, RopeScaling, TokenIds};
+pub use decoder::{DecoderLayer, TensorSpec, layer_tensor_specs, projection_dims};
+pub use lora::{LoraConfig, LoraLinear, LowRankAdapter, Projection};
+pub use loss::next_token_loss;
+pub use mlp::SwiGluMlp;
+pub use peft::{PeftAdapterConfig, export_adapter, import_adapter};
+pub use rope::{RotaryEmbedding, apply_rotary};

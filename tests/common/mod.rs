@@ -1,0 +1,64 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+pub mod reference;
+
+use std::path::PathBuf;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+/// `tests/fixtures/tiny-llama`: a copy of `shared/fixtures/tiny-llama` (transformers + PEFT).
+pub fn tiny_llama_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama")
+}
+
+/// Reads a JSON file of the tiny-llama fixture.
+pub fn fixture_json(name: &str) -> serde_json::Value {
+    let path = tiny_llama_dir().join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A JSON array of numbers, flattened.
+pub fn flat_f64(value: &serde_json::Value) -> Vec<f64> {
+    match value {
+        serde_json::Value::Array(items) => items.iter().flat_map(flat_f64).collect(),
+        serde_json::Value::Number(n) => vec![n.as_f64().unwrap()],
+        other => panic!("not a number array: {other}"),
+    }
+}
+
+/// Token ids from a JSON array.
+pub fn ids(value: &serde_json::Value) -> Vec<u32> {
+    flat_f64(value).into_iter().map(|v| v as u32).collect()
+}
+
+/// The largest absolute difference.
+pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - y).abs())
+        .fold(0.0, f64::max)
+}
+
+/// The CPU device the tests run on.
+pub fn device() -> Device {
+    devft::device::default_device().expect("a backend feature is enabled")
+}
+
+/// `[1, len]` token tensor.
+pub fn id_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(
+        TensorData::new(ids.iter().map(|&i| i as i64).collect(), [1, ids.len()]),
+        device,
+    )
+}
+
+/// Reads a float tensor back as `f32` values.
+pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
+}
