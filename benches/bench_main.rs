@@ -1,1 +1,11 @@
-fn main() {}
+//! Criterion benchmarks of devft. Run with `cargo bench`; results are recorded in
+//! docs/performance.md.
+
+use criterion::criterion_main;
+
+mod benchmarks;
+
+criterion_main! {
+    benchmarks::lora_layer::benches,
+    benchmarks::model_step::benches,
+}

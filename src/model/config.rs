@@ -218,14 +218,14 @@ impl HfConfig {
                 return invalid(format!("`{name}` must be positive"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return invalid(format!(
                 "num_attention_heads ({}) does not divide hidden_size ({})",
                 self.num_attention_heads, self.hidden_size
             ));
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if num_kv_heads == 0 || self.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             return invalid(format!(
                 "num_key_value_heads ({num_kv_heads}) must divide num_attention_heads ({})",
                 self.num_attention_heads
@@ -234,7 +234,7 @@ impl HfConfig {
         let head_dim = self
             .head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return invalid(format!("head_dim ({head_dim}) must be positive and even"));
         }
         if let Some(act) = &self.hidden_act

@@ -165,6 +165,16 @@ pub struct LowRankAdapter {
 }
 
 impl LowRankAdapter {
+    /// An adapter from `a: [d_in, r]` and `b: [r, d_out]` (burn layout), trainable.
+    pub fn new(a: Tensor<2>, b: Tensor<2>, scaling: f64, dropout: f64) -> Self {
+        Self {
+            a: Param::from_tensor(a),
+            b: Param::from_tensor(b),
+            scaling,
+            dropout: DropoutConfig::new(dropout).init(),
+        }
+    }
+
     /// Builds an adapter from host tensors in burn layout (`a: [d_in, r]`, `b: [r, d_out]`).
     pub(crate) fn from_host(
         a: &HostTensor,
@@ -173,12 +183,7 @@ impl LowRankAdapter {
         dropout: f64,
         device: &Device,
     ) -> crate::Result<Self> {
-        Ok(Self {
-            a: Param::from_tensor(a.to_tensor(device)?),
-            b: Param::from_tensor(b.to_tensor(device)?),
-            scaling,
-            dropout: DropoutConfig::new(dropout).init(),
-        })
+        Ok(Self::new(a.to_tensor(device)?, b.to_tensor(device)?, scaling, dropout))
     }
 
     /// The rank `r`.
@@ -197,8 +202,9 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
-    /// A frozen layer from a weight in burn layout `[d_in, d_out]` and an optional bias.
-    pub(crate) fn frozen(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+    /// A frozen layer (no gradients for its weight or bias) from a weight in burn layout
+    /// `[d_in, d_out]` and an optional bias `[d_out]`, without adapter.
+    pub fn frozen(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
         Self {
             base: Linear {
                 weight: Param::from_tensor(weight).set_require_grad(false),

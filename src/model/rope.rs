@@ -101,8 +101,8 @@ mod tests {
         let rope = RotaryEmbedding::new(8, 10_000.0, RopeScaling::None);
         let device = Device::default();
         let (cos, sin) = rope.tables(0, 1, &device);
-        let cos = cos.into_data().to_vec::<f32>().unwrap();
-        let sin = sin.into_data().to_vec::<f32>().unwrap();
+        let cos = cos.into_data().try_to_vec::<f32>().unwrap();
+        let sin = sin.into_data().try_to_vec::<f32>().unwrap();
         assert!(cos.iter().all(|c| *c == 1.0));
         assert!(sin.iter().all(|s| *s == 0.0));
     }

@@ -1,0 +1,2 @@
+pub mod lora_layer;
+pub mod model_step;
