@@ -43,12 +43,16 @@ fn run(args: Args) -> devft::Result<serde_json::Value> {
     }
     model.check_ids(&args.ids)?;
     let ids: Tensor<2, Int> = Tensor::from_data(
-        TensorData::new(args.ids.iter().map(|&i| i as i64).collect(), [1, args.ids.len()]),
+        TensorData::new(
+            args.ids.iter().map(|&i| i as i64).collect(),
+            [1, args.ids.len()],
+        ),
         &device,
     );
     let logits = model.forward(ids.clone());
-    let loss = (args.ids.len() > 1)
-        .then(|| devft::HostTensor::from_tensor(next_token_loss(logits.clone(), ids, None)).values()[0]);
+    let loss = (args.ids.len() > 1).then(|| {
+        devft::HostTensor::from_tensor(next_token_loss(logits.clone(), ids, None)).values()[0]
+    });
     let vocab = model.config().vocab_size;
     let logits = devft::HostTensor::from_tensor(logits);
     let rows: Vec<&[f32]> = logits.values().chunks(vocab).collect();

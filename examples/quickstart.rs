@@ -53,10 +53,9 @@ fn run(args: Args) -> devft::Result<()> {
     let device = devft::device::device_from_name(&args.device)?;
     let started = Instant::now();
     let base = CausalLm::load(&args.model, &device)?;
-    let adapter = args
-        .adapter
-        .clone()
-        .or_else(|| (args.model == std::path::Path::new(FIXTURE)).then(|| args.model.join("adapter")));
+    let adapter = args.adapter.clone().or_else(|| {
+        (args.model == std::path::Path::new(FIXTURE)).then(|| args.model.join("adapter"))
+    });
     let config = base.config();
     println!(
         "model: {} layers, hidden {}, {} heads ({} KV), vocab {} (loaded in {:.2?})",
@@ -70,7 +69,9 @@ fn run(args: Args) -> devft::Result<()> {
     model_report("base", &base, &args)?;
     if let Some(adapter) = adapter {
         let tuned = import_adapter(&base, &adapter)?;
-        let lora = tuned.lora_config().expect("imported adapters carry a config");
+        let lora = tuned
+            .lora_config()
+            .expect("imported adapters carry a config");
         println!(
             "adapter: r = {}, alpha = {}, {} tensors, {} trainable values",
             lora.r,
@@ -92,7 +93,11 @@ fn model_report(label: &str, model: &CausalLm, args: &Args) -> devft::Result<()>
     sequence.extend(&generated);
     println!(
         "{label}: prompt loss {:.4}, greedy continuation {:?} ({:.1} tokens/s)",
-        if args.prompt.len() > 1 { loss(model, &args.prompt) } else { f32::NAN },
+        if args.prompt.len() > 1 {
+            loss(model, &args.prompt)
+        } else {
+            f32::NAN
+        },
         generated,
         generated.len() as f64 / elapsed.as_secs_f64()
     );

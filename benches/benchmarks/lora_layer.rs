@@ -16,7 +16,11 @@ const RANK: usize = 8;
 const TOKENS: usize = 512;
 
 fn input(device: &Device) -> Tensor<3> {
-    Tensor::random([4, TOKENS / 4, D_IN], Distribution::Normal(0.0, 1.0), device)
+    Tensor::random(
+        [4, TOKENS / 4, D_IN],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    )
 }
 
 fn time(device: &Device, iters: u64, mut step: impl FnMut()) -> Duration {
@@ -37,7 +41,9 @@ fn lora_layer(c: &mut Criterion) {
     let mut explicit = LoraLinear::frozen(weight.clone(), None);
     explicit.adapter = Some(LowRankAdapter::new(a, b, 2.0, 0.0));
 
-    let mut builtin = LinearConfig::new(D_IN, D_OUT).with_bias(false).init(&device);
+    let mut builtin = LinearConfig::new(D_IN, D_OUT)
+        .with_bias(false)
+        .init(&device);
     builtin.weight = Param::from_tensor(weight);
     let builtin: Linear = builtin.apply_lora(Lora::new(RANK, 16.0));
 

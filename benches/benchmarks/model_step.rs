@@ -16,7 +16,9 @@ const SEQ: usize = 128;
 
 fn batch(vocab: usize, device: &Device) -> Tensor<2, Int> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let ids: Vec<i64> = (0..BATCH * SEQ).map(|_| rng.random_range(0..vocab as i64)).collect();
+    let ids: Vec<i64> = (0..BATCH * SEQ)
+        .map(|_| rng.random_range(0..vocab as i64))
+        .collect();
     Tensor::from_data(TensorData::new(ids, [BATCH, SEQ]), device)
 }
 

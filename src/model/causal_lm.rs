@@ -202,6 +202,22 @@ impl CausalLm {
 
     /// A randomly initialised model (uniform weights with standard deviation 0.02, unit norms),
     /// seeded, for tests and benchmarks.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use burn::tensor::{Int, Tensor};
+    /// use devft::model::{CausalLm, DecoderConfig, LoraConfig};
+    ///
+    /// let device = devft::device::default_device()?;
+    /// let config = DecoderConfig { num_layers: 2, vocab_size: 100, ..DecoderConfig::smollm2_135m() };
+    /// let model = CausalLm::random(config, 0, &device)?.with_lora(&LoraConfig::new(4, 8.0), 0)?;
+    /// let ids = Tensor::<2, Int>::from_ints([[1, 2, 3]], &device);
+    /// assert_eq!(model.forward(ids).dims(), [1, 3, 100]);
+    /// // Two layers, seven adapted projections, A and B each.
+    /// assert_eq!(model.lora_params().len(), 2 * 7 * 2);
+    /// # Ok::<(), devft::Error>(())
+    /// ```
     pub fn random(config: DecoderConfig, seed: u64, device: &Device) -> Result<Self> {
         let mut rng = StdRng::seed_from_u64(seed);
         let bound = 0.02 * 3f32.sqrt();

@@ -183,7 +183,12 @@ impl LowRankAdapter {
         dropout: f64,
         device: &Device,
     ) -> crate::Result<Self> {
-        Ok(Self::new(a.to_tensor(device)?, b.to_tensor(device)?, scaling, dropout))
+        Ok(Self::new(
+            a.to_tensor(device)?,
+            b.to_tensor(device)?,
+            scaling,
+            dropout,
+        ))
     }
 
     /// The rank `r`.
