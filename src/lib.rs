@@ -5,10 +5,14 @@
 //! decoder layers and fusing each group into one; each later stage grows the submodel until the
 //! last trains the full model.
 //!
-//! This release provides the foundation: a Llama / Mistral / Qwen2 / SmolLM2 decoder with LoRA
-//! adapters that matches transformers and PEFT ([`model`]), the parameter maps every later
-//! component exchanges ([`ParamMap`]), HuggingFace tokenizers and prompt templates
-//! ([`tokenizer`]), and backend selection ([`device`]).
+//! - [`model`]: a Llama / Mistral / Qwen2 / SmolLM2 decoder with LoRA adapters that matches
+//!   transformers and PEFT, with checkpoint loading, PEFT import/export and generation.
+//! - [`grouping`]: [`grouping::LayerGrouper`] and the paper's spectral grouping plus the even
+//!   and random ablations.
+//! - [`fusion`]: [`fusion::LayerFuser`] and differential, anchor-only and mean fusion.
+//! - [`schedule`]: [`schedule::StageScheduler`], geometric and explicit stage plans.
+//! - [`transfer`]: fused submodels and knowledge transfer back to the full model.
+//! - [`ParamMap`]: the named tensors every component exchanges; [`tokenizer`] and [`device`].
 //!
 //! ```no_run
 //! use devft::prelude::*;
@@ -24,19 +28,29 @@
 
 pub mod device;
 mod error;
+pub mod fusion;
+pub mod grouping;
 pub mod model;
 mod params;
+pub mod schedule;
 pub mod tokenizer;
+pub mod transfer;
 
 pub use error::{Error, Result};
 pub use params::{HostTensor, ParamMap, TensorSource};
 
 /// The types most programs need.
 pub mod prelude {
+    pub use crate::fusion::{AnchorFuser, DifferentialFuser, LayerFuser, MeanFuser};
+    pub use crate::grouping::{
+        EvenGrouper, Grouping, LayerGrouper, LayerSource, RandomGrouper, SpectralGrouper,
+    };
     pub use crate::model::{
         CausalLm, DecoderConfig, LoraConfig, Projection, export_adapter, import_adapter,
         next_token_loss,
     };
+    pub use crate::schedule::{ExplicitScheduler, GeometricScheduler, Stage, StageScheduler};
     pub use crate::tokenizer::{ChatTurn, PromptTemplate, Role, Tokenizer};
+    pub use crate::transfer::{build_submodel, transfer_lora};
     pub use crate::{Error, HostTensor, ParamMap, Result};
 }

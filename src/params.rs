@@ -344,6 +344,12 @@ impl FromIterator<(String, HostTensor)> for ParamMap {
     }
 }
 
+impl Extend<(String, HostTensor)> for ParamMap {
+    fn extend<I: IntoIterator<Item = (String, HostTensor)>>(&mut self, iter: I) {
+        self.tensors.extend(iter);
+    }
+}
+
 impl IntoIterator for ParamMap {
     type Item = (String, HostTensor);
     type IntoIter = std::collections::btree_map::IntoIter<String, HostTensor>;

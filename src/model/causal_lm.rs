@@ -274,6 +274,32 @@ impl CausalLm {
         Ok(self)
     }
 
+    /// A model sharing this one's embeddings, final norm, head and LoRA configuration, with
+    /// `layers` as its decoder stack (a DevFT submodel when they are fused layers).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] when `layers` is empty.
+    pub fn with_layers(&self, layers: Vec<DecoderLayer>) -> Result<Self> {
+        if layers.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a model needs at least one layer".into(),
+            ));
+        }
+        Ok(Self {
+            embed_tokens: self.embed_tokens.clone(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            config: DecoderConfig {
+                num_layers: layers.len(),
+                ..self.config.clone()
+            },
+            layers,
+            rope: self.rope.clone(),
+            lora: self.lora.clone(),
+        })
+    }
+
     /// The resolved configuration.
     pub fn config(&self) -> &DecoderConfig {
         &self.config

@@ -236,6 +236,51 @@ impl DecoderLayer {
         params
     }
 
+    /// Every tensor of the layer: [`DecoderLayer::base_params`] and
+    /// [`DecoderLayer::lora_params`] in one map.
+    pub fn params(&self) -> ParamMap {
+        let mut params = self.base_params();
+        for (name, tensor) in self.lora_params() {
+            params.insert(name, tensor);
+        }
+        params
+    }
+
+    /// Builds a layer from [`DecoderLayer::params`]-style tensors: the base tensors, plus, with
+    /// `lora`, the adapters of `lora.target_modules`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingTensor`], [`Error::UnexpectedTensor`] or [`Error::ShapeMismatch`] naming
+    /// the tensor.
+    pub fn from_all_params(
+        config: &DecoderConfig,
+        params: &ParamMap,
+        lora: Option<&LoraConfig>,
+        device: &Device,
+    ) -> Result<Self> {
+        let is_lora = |name: &str| name.contains(".lora_A.") || name.contains(".lora_B.");
+        let (adapters, base): (ParamMap, ParamMap) = params
+            .clone()
+            .into_iter()
+            .partition(|(name, _)| is_lora(name));
+        let mut layer = Self::from_params(config, &base, device)?;
+        if let Some(lora) = lora {
+            layer.attach_lora(lora, device, |_, a_shape, b_shape| {
+                (
+                    HostTensor::zeros(a_shape.to_vec()),
+                    HostTensor::zeros(b_shape.to_vec()),
+                )
+            })?;
+            layer.load_lora_params(&adapters)?;
+        } else if let Some(name) = adapters.names().next() {
+            return Err(Error::UnexpectedTensor {
+                name: name.to_string(),
+            });
+        }
+        Ok(layer)
+    }
+
     /// The projections that carry an adapter.
     pub fn lora_targets(&self) -> Vec<Projection> {
         Projection::ALL

@@ -224,6 +224,24 @@ impl LoraLinear {
         self.base.weight.shape().dims()
     }
 
+    /// The effective weight `W + (alpha / r) A B` in burn layout `[d_in, d_out]` (just `W`
+    /// without adapter). This is the only place the dense delta is formed; the forward pass
+    /// never does.
+    pub fn effective_weight(&self) -> Tensor<2> {
+        let weight = self.base.weight.val();
+        match &self.adapter {
+            None => weight,
+            Some(adapter) => {
+                weight
+                    + adapter
+                        .a
+                        .val()
+                        .matmul(adapter.b.val())
+                        .mul_scalar(adapter.scaling)
+            }
+        }
+    }
+
     /// Applies the layer.
     ///
     /// # Shapes
