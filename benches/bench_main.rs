@@ -8,4 +8,5 @@ mod benchmarks;
 criterion_main! {
     benchmarks::lora_layer::benches,
     benchmarks::model_step::benches,
+    benchmarks::devft_core::benches,
 }

@@ -1,2 +1,3 @@
+pub mod devft_core;
 pub mod lora_layer;
 pub mod model_step;

@@ -14,6 +14,8 @@ pub use anchor::AnchorFuser;
 pub use differential::DifferentialFuser;
 pub use mean::MeanFuser;
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::params::{HostTensor, ParamMap};
 
@@ -108,19 +110,24 @@ pub(crate) fn check_same_shapes(name: &str, members: &[&HostTensor]) -> Result<(
     Ok(())
 }
 
-/// `anchor + beta * sum_j (member_j - anchor)`, accumulated in f64.
+/// `anchor + beta * sum_j (member_j - anchor)`, accumulated in f64, in parallel chunks.
 pub(crate) fn differential(members: &[&HostTensor], beta: f64) -> HostTensor {
     let anchor = members[0];
-    let values = (0..anchor.len())
-        .map(|i| {
-            let a = f64::from(anchor.values()[i]);
-            let spread: f64 = members[1..]
-                .iter()
-                .map(|t| f64::from(t.values()[i]) - a)
-                .sum();
-            (a + beta * spread) as f32
-        })
-        .collect();
+    let mut values = vec![0.0f32; anchor.len()];
+    values
+        .par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            let start = chunk << 16;
+            for (k, slot) in out.iter_mut().enumerate() {
+                let a = f64::from(anchor.values()[start + k]);
+                let spread: f64 = members[1..]
+                    .iter()
+                    .map(|t| f64::from(t.values()[start + k]) - a)
+                    .sum();
+                *slot = (a + beta * spread) as f32;
+            }
+        });
     HostTensor::new(anchor.shape().to_vec(), values).expect("same shape as the anchor")
 }
 
