@@ -26,6 +26,8 @@
 #![warn(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+pub mod aggregate;
+pub mod data;
 pub mod device;
 mod error;
 pub mod fusion;

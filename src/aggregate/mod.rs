@@ -1,0 +1,261 @@
+//! Server-side aggregation of client adapter updates (DESIGN section 2, `Aggregator`).
+//!
+//! An [`Aggregator`] takes the current global adapter and the round's [`ClientUpdate`]s and
+//! returns the new global adapter. It may keep server state across rounds (momentum, Adam
+//! moments), exposed for checkpoints as a [`ParamMap`], and may prescribe client-side behaviour
+//! through [`ClientInstructions`] (FedProx's proximal term, FFA-LoRA's frozen `A`).
+//!
+//! Every implementation lives in its own file and follows Flower's server strategies where
+//! Flower has one; [`weighted_mean`] is the one weighted average they share.
+
+mod dp;
+mod fedavg;
+mod fedavgm;
+mod fedopt;
+mod fedprox;
+mod ffa_lora;
+mod krum;
+mod trimmed_mean;
+
+pub use dp::DpFixedClipping;
+pub use fedavg::FedAvg;
+pub use fedavgm::FedAvgM;
+pub use fedopt::{FedAdagrad, FedAdam, FedOpt, FedOptVariant, FedYogi};
+pub use fedprox::FedProx;
+pub use ffa_lora::FfaLora;
+pub use krum::Krum;
+pub use trimmed_mean::TrimmedMean;
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::params::{HostTensor, ParamMap};
+
+/// One client's reply to a training round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientUpdate {
+    /// The client's id.
+    pub client: usize,
+    /// The client's adapter after local training (the full adapter, not a difference).
+    pub params: ParamMap,
+    /// Number of training examples the client used (the FedAvg weight).
+    pub num_examples: usize,
+    /// Client metrics, e.g. `train_loss`.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// What the server asks clients to do during local training.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClientInstructions {
+    /// FedProx: add `mu / 2 * ||w - w_global||^2` over the adapter to the local loss.
+    pub proximal_mu: f64,
+    /// FFA-LoRA: keep every `lora_A` at its received value (train `B` only).
+    pub freeze_lora_a: bool,
+}
+
+/// Combines client updates into a new global adapter.
+///
+/// # Example
+///
+/// A user-defined aggregator (coordinate-wise median) plugs in like the built-in ones:
+///
+/// ```
+/// use devft::aggregate::{Aggregator, ClientUpdate, check_updates};
+/// use devft::{HostTensor, ParamMap};
+///
+/// struct Median;
+///
+/// impl Aggregator for Median {
+///     fn name(&self) -> String {
+///         "median".into()
+///     }
+///
+///     fn aggregate(&mut self, global: &ParamMap, updates: &[ClientUpdate]) -> devft::Result<ParamMap> {
+///         check_updates(global, updates)?;
+///         let mut out = ParamMap::new();
+///         for (name, tensor) in global.iter() {
+///             let values = (0..tensor.len())
+///                 .map(|i| {
+///                     let mut column: Vec<f32> =
+///                         updates.iter().map(|u| u.params.get(name).unwrap().values()[i]).collect();
+///                     column.sort_by(f32::total_cmp);
+///                     column[column.len() / 2]
+///                 })
+///                 .collect();
+///             out.insert(name, HostTensor::new(tensor.shape().to_vec(), values)?);
+///         }
+///         Ok(out)
+///     }
+/// }
+///
+/// let update = |client, v: f32| {
+///     let mut params = ParamMap::new();
+///     params.insert("w", HostTensor::new(vec![1], vec![v]).unwrap());
+///     ClientUpdate { client, params, num_examples: 1, metrics: Default::default() }
+/// };
+/// let mut global = ParamMap::new();
+/// global.insert("w", HostTensor::new(vec![1], vec![0.0]).unwrap());
+/// let new = Median.aggregate(&global, &[update(0, 1.0), update(1, 9.0), update(2, 2.0)])?;
+/// assert_eq!(new.get("w").unwrap().values(), &[2.0]);
+/// # Ok::<(), devft::Error>(())
+/// ```
+pub trait Aggregator {
+    /// A short name for logs and metrics.
+    fn name(&self) -> String;
+
+    /// What clients must do during local training. Default: plain local training.
+    fn client_instructions(&self) -> ClientInstructions {
+        ClientInstructions::default()
+    }
+
+    /// The new global adapter from the current one and the round's valid updates.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] when there is no update, and the errors of
+    /// [`check_updates`] for inconsistent ones.
+    fn aggregate(&mut self, global: &ParamMap, updates: &[ClientUpdate]) -> Result<ParamMap>;
+
+    /// Server state to checkpoint (empty for stateless aggregators).
+    fn state(&self) -> ParamMap {
+        ParamMap::new()
+    }
+
+    /// Restores [`Aggregator::state`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] when the state does not belong to this aggregator.
+    fn load_state(&mut self, state: &ParamMap) -> Result<()> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "{} keeps no state, but a state of {} tensors was given",
+                self.name(),
+                state.len()
+            )))
+        }
+    }
+
+    /// Forgets server state, e.g. when a new DevFT stage changes the adapter's shape.
+    fn reset(&mut self) {}
+}
+
+/// Checks that there is at least one update and that every update has exactly the global's
+/// tensor names and shapes, finite values and a positive example count.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] (no update, zero examples), [`Error::MissingTensor`],
+/// [`Error::UnexpectedTensor`], [`Error::ShapeMismatch`] or [`Error::NonFinite`], each naming
+/// the client.
+pub fn check_updates(global: &ParamMap, updates: &[ClientUpdate]) -> Result<()> {
+    if updates.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no client update to aggregate".into(),
+        ));
+    }
+    for update in updates {
+        check_update(global, update)?;
+    }
+    Ok(())
+}
+
+/// [`check_updates`] for one update.
+///
+/// # Errors
+///
+/// As [`check_updates`].
+pub fn check_update(global: &ParamMap, update: &ClientUpdate) -> Result<()> {
+    let client = update.client;
+    if update.num_examples == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "client {client} reports zero examples"
+        )));
+    }
+    for (name, tensor) in global.iter() {
+        let theirs = update
+            .params
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor {
+                name: format!("{name} (client {client})"),
+            })?;
+        if theirs.shape() != tensor.shape() {
+            return Err(Error::ShapeMismatch {
+                name: format!("{name} (client {client})"),
+                expected: tensor.shape().to_vec(),
+                found: theirs.shape().to_vec(),
+            });
+        }
+        if !theirs.is_finite() {
+            return Err(Error::NonFinite {
+                name: format!("{name} (client {client})"),
+            });
+        }
+    }
+    if let Some(extra) = update.params.names().find(|n| global.get(n).is_none()) {
+        return Err(Error::UnexpectedTensor {
+            name: format!("{extra} (client {client})"),
+        });
+    }
+    Ok(())
+}
+
+/// The example-weighted mean of the updates' parameters (FedAvg), accumulated in f64.
+///
+/// # Errors
+///
+/// As [`check_updates`].
+pub fn weighted_mean(global: &ParamMap, updates: &[ClientUpdate]) -> Result<ParamMap> {
+    check_updates(global, updates)?;
+    let total: f64 = updates.iter().map(|u| u.num_examples as f64).sum();
+    let weights: Vec<f64> = updates
+        .iter()
+        .map(|u| u.num_examples as f64 / total)
+        .collect();
+    combine(global, updates, &weights)
+}
+
+/// `sum_k weights[k] * update_k` per tensor, in f64.
+pub(crate) fn combine(
+    global: &ParamMap,
+    updates: &[ClientUpdate],
+    weights: &[f64],
+) -> Result<ParamMap> {
+    let mut out = ParamMap::new();
+    for (name, tensor) in global.iter() {
+        let mut acc = vec![0.0f64; tensor.len()];
+        for (update, w) in updates.iter().zip(weights) {
+            let values = update.params.require(name)?.values();
+            for (a, v) in acc.iter_mut().zip(values) {
+                *a += w * f64::from(*v);
+            }
+        }
+        out.insert(
+            name,
+            HostTensor::new(
+                tensor.shape().to_vec(),
+                acc.into_iter().map(|v| v as f32).collect(),
+            )?,
+        );
+    }
+    Ok(out)
+}
+
+/// Applies `f(global, other)` element-wise over matching tensors of two maps with the same
+/// names and shapes.
+pub(crate) fn zip_map(a: &ParamMap, b: &ParamMap, f: impl Fn(f64, f64) -> f64) -> Result<ParamMap> {
+    let mut out = ParamMap::new();
+    for (name, x) in a.iter() {
+        let y = b.require(name)?;
+        let values = x
+            .values()
+            .iter()
+            .zip(y.values())
+            .map(|(p, q)| f(f64::from(*p), f64::from(*q)) as f32)
+            .collect();
+        out.insert(name, HostTensor::new(x.shape().to_vec(), values)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,289 @@
+//! Aggregators against values computed by hand, table tests over every aggregator, and
+//! rejection of inconsistent updates.
+
+use std::collections::BTreeMap;
+
+use devft::aggregate::{
+    Aggregator, ClientUpdate, DpFixedClipping, FedAvg, FedAvgM, FedOpt, FedProx, FfaLora, Krum,
+    TrimmedMean,
+};
+use devft::{Error, HostTensor, ParamMap};
+
+fn params(a: &[f32], b: &[f32]) -> ParamMap {
+    let mut p = ParamMap::new();
+    p.insert(
+        "layers.0.q.lora_A.weight",
+        HostTensor::new(vec![a.len()], a.to_vec()).unwrap(),
+    );
+    p.insert(
+        "layers.0.q.lora_B.weight",
+        HostTensor::new(vec![b.len()], b.to_vec()).unwrap(),
+    );
+    p
+}
+
+fn update(client: usize, p: ParamMap, n: usize) -> ClientUpdate {
+    ClientUpdate {
+        client,
+        params: p,
+        num_examples: n,
+        metrics: BTreeMap::new(),
+    }
+}
+
+fn values(p: &ParamMap, name: &str) -> Vec<f32> {
+    p.get(name).unwrap().values().to_vec()
+}
+
+fn all_aggregators() -> Vec<Box<dyn Aggregator>> {
+    vec![
+        Box::new(FedAvg),
+        Box::new(FedProx::new(0.01).unwrap()),
+        Box::new(FedAvgM::default()),
+        Box::new(FedOpt::adam()),
+        Box::new(FedOpt::yogi()),
+        Box::new(FedOpt::adagrad()),
+        Box::new(FfaLora),
+        Box::new(TrimmedMean::new(0.25).unwrap()),
+        Box::new(Krum::new(1)),
+        Box::new(Krum::multi(1, 2)),
+        Box::new(DpFixedClipping::new(FedAvg, 0.0, 10.0, 4, 0).unwrap()),
+    ]
+}
+
+#[test]
+fn fedavg_is_the_example_weighted_mean() {
+    // Prepare: two clients with 1 and 3 examples.
+    let global = params(&[0.0, 0.0], &[0.0]);
+    let updates = [
+        update(0, params(&[1.0, 2.0], &[4.0]), 1),
+        update(1, params(&[5.0, 6.0], &[8.0]), 3),
+    ];
+    // Execute.
+    let new = FedAvg.aggregate(&global, &updates).unwrap();
+    // Assert: (1*1 + 3*5)/4 = 4, (2 + 18)/4 = 5, (4 + 24)/4 = 7.
+    assert_eq!(values(&new, "layers.0.q.lora_A.weight"), [4.0, 5.0]);
+    assert_eq!(values(&new, "layers.0.q.lora_B.weight"), [7.0]);
+    assert_eq!(
+        FedProx::new(0.3)
+            .unwrap()
+            .aggregate(&global, &updates)
+            .unwrap(),
+        new
+    );
+    assert_eq!(
+        FedProx::new(0.3).unwrap().client_instructions().proximal_mu,
+        0.3
+    );
+}
+
+#[test]
+fn ffa_lora_keeps_a_and_averages_b() {
+    let global = params(&[9.0, 9.0], &[0.0]);
+    let updates = [
+        update(0, params(&[1.0, 1.0], &[2.0]), 1),
+        update(1, params(&[3.0, 3.0], &[6.0]), 1),
+    ];
+    let new = FfaLora.aggregate(&global, &updates).unwrap();
+    assert_eq!(values(&new, "layers.0.q.lora_A.weight"), [9.0, 9.0]);
+    assert_eq!(values(&new, "layers.0.q.lora_B.weight"), [4.0]);
+    assert!(FfaLora.client_instructions().freeze_lora_a);
+}
+
+#[test]
+fn trimmed_mean_drops_the_extremes_per_coordinate() {
+    let global = params(&[0.0], &[0.0]);
+    let updates: Vec<ClientUpdate> = [(1.0, 10.0), (2.0, -50.0), (3.0, 20.0), (100.0, 30.0)]
+        .iter()
+        .enumerate()
+        .map(|(c, &(a, b))| update(c, params(&[a], &[b]), 1 + c * 10))
+        .collect();
+    let new = TrimmedMean::new(0.25)
+        .unwrap()
+        .aggregate(&global, &updates)
+        .unwrap();
+    // One cut from each end, unweighted: mean(2, 3) and mean(10, 20).
+    assert_eq!(values(&new, "layers.0.q.lora_A.weight"), [2.5]);
+    assert_eq!(values(&new, "layers.0.q.lora_B.weight"), [15.0]);
+}
+
+#[test]
+fn krum_picks_the_update_with_the_closest_neighbours() {
+    let global = params(&[0.0], &[0.0]);
+    let updates: Vec<ClientUpdate> = [0.0, 1.0, 1.5, 10.0]
+        .iter()
+        .enumerate()
+        .map(|(c, &v)| update(c, params(&[v], &[0.0]), 1))
+        .collect();
+    // n = 4, f = 1: one neighbour each. Squared distances to the nearest other:
+    // 0 -> 1 (1), 1 -> 1.5 (0.25), 1.5 -> 1 (0.25), 10 -> 1.5 (72.25). Ties go to the first.
+    let new = Krum::new(1).aggregate(&global, &updates).unwrap();
+    assert_eq!(values(&new, "layers.0.q.lora_A.weight"), [1.0]);
+    let new = Krum::multi(1, 2).aggregate(&global, &updates).unwrap();
+    assert_eq!(values(&new, "layers.0.q.lora_A.weight"), [1.25]);
+}
+
+#[test]
+fn dp_clips_each_update_against_the_global_before_averaging() {
+    let global = params(&[1.0, 1.0], &[1.0]);
+    // Client 0 moves by (3, 4, 0): norm 5, clipped to 1 -> (0.6, 0.8, 0).
+    // Client 1 moves by (0, 0, 0.5): norm 0.5, unclipped.
+    let updates = [
+        update(0, params(&[4.0, 5.0], &[1.0]), 1),
+        update(1, params(&[1.0, 1.0], &[1.5]), 1),
+    ];
+    let mut dp = DpFixedClipping::new(FedAvg, 0.0, 1.0, 2, 0).unwrap();
+    let new = dp.aggregate(&global, &updates).unwrap();
+    let a = values(&new, "layers.0.q.lora_A.weight");
+    assert!(
+        (a[0] - 1.3).abs() < 1e-6 && (a[1] - 1.4).abs() < 1e-6,
+        "{a:?}"
+    );
+    assert!((values(&new, "layers.0.q.lora_B.weight")[0] - 1.25).abs() < 1e-6);
+}
+
+#[test]
+fn dp_noise_has_the_announced_standard_deviation() {
+    let n = 20_000;
+    let zeros = vec![0.0f32; n];
+    let global = params(&zeros, &[0.0]);
+    let updates = [update(0, params(&zeros, &[0.0]), 1)];
+    let mut dp = DpFixedClipping::new(FedAvg, 2.0, 0.5, 4, 7).unwrap();
+    assert_eq!(dp.noise_stddev(), 0.25);
+    let noisy = dp.aggregate(&global, &updates).unwrap();
+    let v = values(&noisy, "layers.0.q.lora_A.weight");
+    let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n as f64;
+    let std = (v
+        .iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / n as f64)
+        .sqrt();
+    assert!(
+        mean.abs() < 0.01 && (std - 0.25).abs() < 0.01,
+        "mean {mean}, std {std}"
+    );
+}
+
+#[test]
+fn identical_updates_leave_the_global_unchanged_for_every_aggregator() {
+    let global = params(&[0.5, -1.0], &[2.0]);
+    for mut aggregator in all_aggregators() {
+        let updates: Vec<ClientUpdate> = (0..4).map(|c| update(c, global.clone(), 5 + c)).collect();
+        for _ in 0..3 {
+            let new = aggregator.aggregate(&global, &updates).unwrap();
+            for (name, tensor) in new.iter() {
+                for (x, y) in tensor
+                    .values()
+                    .iter()
+                    .zip(global.get(name).unwrap().values())
+                {
+                    assert!((x - y).abs() < 1e-6, "{}: {name} moved", aggregator.name());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dp_with_zero_noise_and_huge_clip_equals_the_inner_aggregator() {
+    let global = params(&[0.5, -1.0], &[2.0]);
+    let updates: Vec<ClientUpdate> = (0..3)
+        .map(|c| update(c, params(&[c as f32, 1.0], &[-(c as f32)]), 1 + c))
+        .collect();
+    let mut plain = FedOpt::adam();
+    let mut wrapped = DpFixedClipping::new(FedOpt::adam(), 0.0, 1e9, 3, 0).unwrap();
+    let mut g1 = global.clone();
+    let mut g2 = global.clone();
+    for _ in 0..3 {
+        g1 = plain.aggregate(&g1, &updates).unwrap();
+        g2 = wrapped.aggregate(&g2, &updates).unwrap();
+    }
+    assert_eq!(g1, g2);
+}
+
+#[test]
+fn fedavgm_without_momentum_and_unit_rate_is_fedavg() {
+    let global = params(&[0.0, 1.0], &[2.0]);
+    let updates = [
+        update(0, params(&[1.0, 2.0], &[4.0]), 2),
+        update(1, params(&[3.0, 0.0], &[1.0]), 1),
+    ];
+    let a = FedAvgM::new(1.0, 0.0)
+        .unwrap()
+        .aggregate(&global, &updates)
+        .unwrap();
+    let b = FedAvg.aggregate(&global, &updates).unwrap();
+    for (name, t) in a.iter() {
+        for (x, y) in t.values().iter().zip(b.get(name).unwrap().values()) {
+            assert!((x - y).abs() < 1e-6);
+        }
+    }
+}
+
+#[test]
+fn server_state_round_trips_and_resumes_identically() {
+    let global = params(&[0.0, 1.0], &[2.0]);
+    let updates = [
+        update(0, params(&[1.0, 2.0], &[4.0]), 2),
+        update(1, params(&[3.0, 0.0], &[1.0]), 1),
+    ];
+    for make in [
+        || Box::new(FedOpt::adam()) as Box<dyn Aggregator>,
+        || Box::new(FedOpt::yogi()) as Box<dyn Aggregator>,
+        || Box::new(FedAvgM::default()) as Box<dyn Aggregator>,
+        || {
+            Box::new(DpFixedClipping::new(FedOpt::adagrad(), 0.5, 1.0, 2, 3).unwrap())
+                as Box<dyn Aggregator>
+        },
+    ] {
+        let mut straight = make();
+        let g1 = straight.aggregate(&global, &updates).unwrap();
+        let g2 = straight.aggregate(&g1, &updates).unwrap();
+
+        let mut first = make();
+        let h1 = first.aggregate(&global, &updates).unwrap();
+        let bytes = first.state().to_safetensors_bytes().unwrap();
+        let mut resumed = make();
+        resumed
+            .load_state(&ParamMap::from_safetensors_bytes(&bytes, "state").unwrap())
+            .unwrap();
+        let h2 = resumed.aggregate(&h1, &updates).unwrap();
+        assert_eq!(g2, h2, "{}", straight.name());
+    }
+}
+
+#[test]
+fn inconsistent_updates_are_rejected_naming_the_client() {
+    let global = params(&[0.0, 1.0], &[2.0]);
+    let mut nan = params(&[0.0, f32::NAN], &[2.0]);
+    let err = FedAvg
+        .aggregate(&global, &[update(7, nan.clone(), 1)])
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::NonFinite { name } if name.contains("client 7")),
+        "{err}"
+    );
+    nan.insert("layers.0.q.lora_A.weight", HostTensor::zeros(vec![3]));
+    let err = FedAvg.aggregate(&global, &[update(3, nan, 1)]).unwrap_err();
+    assert!(
+        matches!(&err, Error::ShapeMismatch { name, .. } if name.contains("client 3")),
+        "{err}"
+    );
+    let err = FedAvg
+        .aggregate(&global, &[update(2, global.clone(), 0)])
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert!(matches!(
+        FedAvg.aggregate(&global, &[]),
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut extra = global.clone();
+    extra.insert("other", HostTensor::zeros(vec![1]));
+    assert!(matches!(
+        FedAvg.aggregate(&global, &[update(1, extra, 1)]),
+        Err(Error::UnexpectedTensor { .. })
+    ));
+    assert!(FedProx::new(-1.0).is_err() && TrimmedMean::new(0.5).is_err());
+    assert!(DpFixedClipping::new(FedAvg, 1.0, 0.0, 1, 0).is_err());
+}
