@@ -1,0 +1,79 @@
+//! Per-round metrics and the communication ledger.
+
+use serde::{Deserialize, Serialize};
+
+use crate::federated::wire::WireSize;
+
+/// One round, as written to the JSONL metrics file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundMetrics {
+    /// Stage index (0-based).
+    pub stage: usize,
+    /// Layers of the stage's submodel.
+    pub capacity: usize,
+    /// Global round (1-based).
+    pub round: usize,
+    /// Clients asked to train.
+    pub clients_sampled: Vec<usize>,
+    /// Clients that failed or were rejected, with the reason.
+    pub clients_failed: Vec<(usize, String)>,
+    /// Example-weighted mean of the clients' local training losses.
+    pub train_loss: Option<f64>,
+    /// Loss of the full model (knowledge transferred) on the held-out set.
+    pub eval_loss: Option<f64>,
+    /// Client-to-server bytes this round.
+    pub bytes_up: WireSize,
+    /// Server-to-client bytes this round.
+    pub bytes_down: WireSize,
+    /// Wall-clock seconds of the round (training, aggregation, evaluation).
+    pub wall_seconds: f64,
+    /// Estimated training memory of one client in bytes: trainable values with their
+    /// gradients and two AdamW moments, plus the submodel's parameters.
+    pub memory_bytes: u64,
+    /// Whether the global adapter changed (false when too few clients succeeded).
+    pub aggregated: bool,
+}
+
+/// Bytes exchanged with each client in each round.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// `(round, client, up, down)` entries.
+    pub entries: Vec<LedgerEntry>,
+}
+
+/// One client's traffic in one round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// Global round.
+    pub round: usize,
+    /// Client id.
+    pub client: usize,
+    /// Client to server.
+    pub up: WireSize,
+    /// Server to client.
+    pub down: WireSize,
+}
+
+impl Ledger {
+    /// Totals over all entries: `(up, down)`.
+    pub fn totals(&self) -> (WireSize, WireSize) {
+        let mut up = WireSize::default();
+        let mut down = WireSize::default();
+        for e in &self.entries {
+            up += e.up;
+            down += e.down;
+        }
+        (up, down)
+    }
+
+    /// Totals of one round: `(up, down)`.
+    pub fn round_totals(&self, round: usize) -> (WireSize, WireSize) {
+        let mut up = WireSize::default();
+        let mut down = WireSize::default();
+        for e in self.entries.iter().filter(|e| e.round == round) {
+            up += e.up;
+            down += e.down;
+        }
+        (up, down)
+    }
+}
