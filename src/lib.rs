@@ -30,6 +30,7 @@ pub mod aggregate;
 pub mod data;
 pub mod device;
 mod error;
+pub mod federated;
 pub mod fusion;
 pub mod grouping;
 pub mod model;

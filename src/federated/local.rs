@@ -12,7 +12,7 @@ use rand::seq::SliceRandom;
 
 use crate::aggregate::ClientInstructions;
 use crate::data::{Batch, TokenizedExample};
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::model::{CausalLm, Projection, next_token_loss};
 use crate::params::ParamMap;
 
@@ -65,18 +65,24 @@ pub fn train_local(
     instructions: &ClientInstructions,
     train_device: &Device,
     seed: u64,
-) -> Result<LocalOutcome> {
+) -> crate::Result<LocalOutcome> {
     if examples.is_empty() {
-        return Err(Error::InvalidArgument("the client has no training example".into()));
+        return Err(Error::InvalidArgument(
+            "the client has no training example".into(),
+        ));
     }
     if config.batch_size == 0 || config.local_steps == 0 {
-        return Err(Error::InvalidArgument("batch size and local steps must be positive".into()));
+        return Err(Error::InvalidArgument(
+            "batch size and local steps must be positive".into(),
+        ));
     }
     if model.lora_config().is_none() {
-        return Err(Error::InvalidArgument("the model has no LoRA adapter to train".into()));
+        return Err(Error::InvalidArgument(
+            "the model has no LoRA adapter to train".into(),
+        ));
     }
     let global = model.lora_params();
-    let mut model = model.clone().to_device(train_device);
+    let mut model = model.clone().to_device(train_device).train();
     if instructions.freeze_lora_a {
         freeze_lora_a(&mut model);
     }
@@ -85,7 +91,11 @@ pub fn train_local(
         .map(|a| (instructions.proximal_mu, a));
     let mut optimizer = AdamWConfig::new()
         .with_weight_decay(config.weight_decay as f32)
-        .with_grad_clipping(config.grad_clip_norm.map(|n| GradientClippingConfig::Norm(n as f32)))
+        .with_grad_clipping(
+            config
+                .grad_clip_norm
+                .map(|n| GradientClippingConfig::Norm(n as f32)),
+        )
         .init();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut order: Vec<usize> = Vec::new();
@@ -134,7 +144,10 @@ pub fn train_local(
 
 /// The adapters' values at the start of the round, as constants on the training device.
 fn anchors(model: &CausalLm) -> Vec<Tensor<2>> {
-    adapter_tensors(model).into_iter().map(|t| t.detach()).collect()
+    adapter_tensors(model)
+        .into_iter()
+        .map(|t| t.detach())
+        .collect()
 }
 
 /// Every adapter tensor of the model, A then B per projection, layer by layer.
@@ -144,7 +157,11 @@ fn adapter_tensors(model: &CausalLm) -> Vec<Tensor<2>> {
         .iter()
         .flat_map(|layer| {
             Projection::ALL.into_iter().filter_map(move |p| {
-                layer.projection(p).adapter.as_ref().map(|a| [a.a.val(), a.b.val()])
+                layer
+                    .projection(p)
+                    .adapter
+                    .as_ref()
+                    .map(|a| [a.a.val(), a.b.val()])
             })
         })
         .flatten()

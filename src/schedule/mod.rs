@@ -7,9 +7,11 @@
 
 mod explicit;
 mod geometric;
+mod single;
 
 pub use explicit::ExplicitScheduler;
 pub use geometric::GeometricScheduler;
+pub use single::SingleStage;
 
 use serde::{Deserialize, Serialize};
 

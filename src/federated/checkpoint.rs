@@ -1,0 +1,115 @@
+//! Checkpoints of a run, written atomically: a new round directory is filled, renamed into
+//! place, and only then named in `LATEST` (itself replaced by rename), so a crash at any
+//! moment leaves the previous checkpoint intact.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::federated::metrics::{Ledger, RoundMetrics};
+use crate::grouping::Grouping;
+use crate::params::ParamMap;
+use crate::schedule::{Stage, StageOutcome};
+
+/// Everything needed to continue a run exactly where it stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RunState {
+    /// Seed of the run (sampling and batch order derive from it and the round number, so
+    /// there is no other RNG state).
+    pub seed: u64,
+    /// Number of clients the run was started with.
+    pub num_clients: usize,
+    /// The stage plan (as revised so far).
+    pub plan: Vec<Stage>,
+    /// Index of the current stage.
+    pub stage: usize,
+    /// Rounds of the current stage already done.
+    pub rounds_done_in_stage: usize,
+    /// Global rounds done.
+    pub rounds_done: usize,
+    /// The current stage's grouping.
+    pub grouping: Grouping,
+    /// Metrics of every round so far.
+    pub metrics: Vec<RoundMetrics>,
+    /// Traffic so far.
+    pub ledger: Ledger,
+    /// Finished stages.
+    pub stage_outcomes: Vec<StageOutcome>,
+}
+
+/// The tensors of a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Checkpoint {
+    pub state: RunState,
+    /// The full model's adapter when the current stage began (the submodel is rebuilt from it).
+    pub stage_start_lora: ParamMap,
+    /// The current global adapter of the submodel.
+    pub global: ParamMap,
+    /// The aggregator's server state.
+    pub aggregator: ParamMap,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, e)
+}
+
+impl Checkpoint {
+    /// Writes the checkpoint under `dir` and points `LATEST` at it; older rounds are removed.
+    pub(crate) fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let name = format!("round-{:06}", self.state.rounds_done);
+        let tmp = dir.join(format!("{name}.tmp"));
+        let final_dir = dir.join(&name);
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        let state_path = tmp.join("state.json");
+        let json =
+            serde_json::to_string_pretty(&self.state).map_err(|e| Error::json(&state_path, e))?;
+        std::fs::write(&state_path, json).map_err(io(&state_path))?;
+        self.stage_start_lora
+            .save_safetensors(tmp.join("stage_start_lora.safetensors"))?;
+        self.global
+            .save_safetensors(tmp.join("global.safetensors"))?;
+        self.aggregator
+            .save_safetensors(tmp.join("aggregator.safetensors"))?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+        let latest_tmp = dir.join("LATEST.tmp");
+        std::fs::write(&latest_tmp, &name).map_err(io(&latest_tmp))?;
+        std::fs::rename(&latest_tmp, dir.join("LATEST")).map_err(io(dir))?;
+        for entry in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
+            let path: PathBuf = entry.path();
+            let file = entry.file_name().to_string_lossy().to_string();
+            if file.starts_with("round-") && file != name && path.is_dir() {
+                std::fs::remove_dir_all(&path).map_err(io(&path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the checkpoint `LATEST` names, or `None` when `dir` holds none.
+    pub(crate) fn load_latest(dir: &Path) -> Result<Option<Self>> {
+        let latest = dir.join("LATEST");
+        if !latest.exists() {
+            return Ok(None);
+        }
+        let name = std::fs::read_to_string(&latest).map_err(io(&latest))?;
+        let round_dir = dir.join(name.trim());
+        let state_path = round_dir.join("state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
+        let state = serde_json::from_str(&text).map_err(|e| Error::json(&state_path, e))?;
+        Ok(Some(Self {
+            state,
+            stage_start_lora: ParamMap::load_safetensors(
+                round_dir.join("stage_start_lora.safetensors"),
+            )?,
+            global: ParamMap::load_safetensors(round_dir.join("global.safetensors"))?,
+            aggregator: ParamMap::load_safetensors(round_dir.join("aggregator.safetensors"))?,
+        }))
+    }
+}

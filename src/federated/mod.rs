@@ -1,0 +1,88 @@
+//! The federated runtime: clients, local training, the round loop with DevFT stages, the
+//! communication ledger, metrics, checkpoints and fault handling.
+//!
+//! The loop follows Flower's configure/aggregate split. Each round the server samples clients
+//! and sends them the current (sub)model's adapter as safetensors bytes; each client trains
+//! locally ([`train_local`]) and sends its adapter back as bytes; the server decodes with size
+//! limits, rejects inconsistent or non-finite updates (naming the client), and aggregates the
+//! rest with any [`crate::aggregate::Aggregator`]. A failing client is data, not a panic.
+//! Stages come from a [`crate::schedule::StageScheduler`]; between stages the full model is
+//! regrouped, fused and, after training, receives the stage's knowledge
+//! ([`crate::transfer`]). Plain federated LoRA (FedIT) is the same loop with one full-model
+//! stage ([`Strategy::fedit`]).
+
+mod checkpoint;
+mod evaluate;
+mod faults;
+mod local;
+mod metrics;
+mod runner;
+pub mod wire;
+
+pub use evaluate::evaluate_loss;
+pub use faults::{Fault, FaultInjector, RandomFailures};
+pub use local::{LocalOutcome, LocalTrainingConfig, train_local};
+pub use metrics::{Ledger, LedgerEntry, RoundMetrics};
+pub use runner::{FederatedRun, RunOutcome};
+pub use wire::WireSize;
+
+use burn::config::Config;
+
+use crate::fusion::{DifferentialFuser, LayerFuser};
+use crate::grouping::{LayerGrouper, SpectralGrouper};
+use crate::schedule::{GeometricScheduler, SingleStage, StageScheduler};
+
+/// Settings of a federated run.
+#[derive(Config, Debug)]
+pub struct FederatedConfig {
+    /// Total rounds over all stages.
+    pub rounds: usize,
+    /// Local training of each client.
+    pub local: LocalTrainingConfig,
+    /// Clients sampled per round. Default: 4.
+    #[config(default = 4)]
+    pub clients_per_round: usize,
+    /// Fewest successful clients for a round to change the global adapter. Default: 1.
+    #[config(default = 1)]
+    pub min_successful_clients: usize,
+    /// Seed of client sampling and local batch order. Default: 0.
+    #[config(default = 0)]
+    pub seed: u64,
+    /// Batch size of the held-out evaluation. Default: 8.
+    #[config(default = 8)]
+    pub eval_batch_size: usize,
+    /// A client message may be at most this many times the size of the server's. Default: 2.
+    #[config(default = 2.0)]
+    pub max_update_factor: f64,
+}
+
+/// How a run develops the model: stage plan, grouping and fusion.
+pub struct Strategy {
+    /// The stage plan.
+    pub scheduler: Box<dyn StageScheduler>,
+    /// How layers are grouped for submodels.
+    pub grouper: Box<dyn LayerGrouper>,
+    /// How a group becomes one layer.
+    pub fuser: Box<dyn LayerFuser>,
+}
+
+impl Strategy {
+    /// DevFT as published: capacities 4, 8, 16, ... (doubling) up to the full model, spectral
+    /// grouping, differential fusion with beta 0.1.
+    pub fn devft() -> Self {
+        Self {
+            scheduler: Box::new(GeometricScheduler::default()),
+            grouper: Box::new(SpectralGrouper::new()),
+            fuser: Box::new(DifferentialFuser::default()),
+        }
+    }
+
+    /// Plain federated LoRA on the full model (FedIT).
+    pub fn fedit() -> Self {
+        Self {
+            scheduler: Box::new(SingleStage),
+            grouper: Box::new(SpectralGrouper::new()),
+            fuser: Box::new(DifferentialFuser::default()),
+        }
+    }
+}
