@@ -9,4 +9,5 @@ criterion_main! {
     benchmarks::lora_layer::benches,
     benchmarks::model_step::benches,
     benchmarks::devft_core::benches,
+    benchmarks::aggregate::benches,
 }

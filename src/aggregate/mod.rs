@@ -28,6 +28,8 @@ pub use trimmed_mean::TrimmedMean;
 
 use std::collections::BTreeMap;
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::params::{HostTensor, ParamMap};
 
@@ -217,28 +219,36 @@ pub fn weighted_mean(global: &ParamMap, updates: &[ClientUpdate]) -> Result<Para
     combine(global, updates, &weights)
 }
 
-/// `sum_k weights[k] * update_k` per tensor, in f64.
+/// `sum_k weights[k] * update_k` per tensor, accumulated in f64, in parallel chunks.
 pub(crate) fn combine(
     global: &ParamMap,
     updates: &[ClientUpdate],
     weights: &[f64],
 ) -> Result<ParamMap> {
+    const CHUNK: usize = 1 << 14;
     let mut out = ParamMap::new();
     for (name, tensor) in global.iter() {
-        let mut acc = vec![0.0f64; tensor.len()];
-        for (update, w) in updates.iter().zip(weights) {
-            let values = update.params.require(name)?.values();
-            for (a, v) in acc.iter_mut().zip(values) {
-                *a += w * f64::from(*v);
-            }
-        }
-        out.insert(
-            name,
-            HostTensor::new(
-                tensor.shape().to_vec(),
-                acc.into_iter().map(|v| v as f32).collect(),
-            )?,
-        );
+        let sources = updates
+            .iter()
+            .map(|u| u.params.require(name).map(HostTensor::values))
+            .collect::<Result<Vec<_>>>()?;
+        let mut values = vec![0.0f32; tensor.len()];
+        values
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let start = chunk * CHUNK;
+                let mut acc = vec![0.0f64; out.len()];
+                for (source, w) in sources.iter().zip(weights) {
+                    for (a, v) in acc.iter_mut().zip(&source[start..start + out.len()]) {
+                        *a += w * f64::from(*v);
+                    }
+                }
+                for (o, a) in out.iter_mut().zip(acc) {
+                    *o = a as f32;
+                }
+            });
+        out.insert(name, HostTensor::new(tensor.shape().to_vec(), values)?);
     }
     Ok(out)
 }

@@ -257,9 +257,11 @@ impl LoraLinear {
         match &self.adapter {
             None => base,
             Some(adapter) => {
+                // Scale the rank-r intermediate, not the d_out-wide result: one pass over
+                // `r` values per token instead of `d_out`.
                 let x = adapter.dropout.forward(x);
-                let low = linear(linear(x, adapter.a.val(), None), adapter.b.val(), None);
-                base + low.mul_scalar(adapter.scaling)
+                let low = linear(x, adapter.a.val(), None).mul_scalar(adapter.scaling);
+                base + linear(low, adapter.b.val(), None)
             }
         }
     }
