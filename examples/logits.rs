@@ -14,9 +14,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use burn::tensor::{Int, Tensor, TensorData};
 use clap::Parser;
-use devft::model::{CausalLm, import_adapter, next_token_loss};
+use devft::model::{CausalLm, import_adapter};
 
 /// Logits and loss of a model on given token ids, as JSON.
 #[derive(Parser, Debug)]
@@ -41,26 +40,12 @@ fn run(args: Args) -> devft::Result<serde_json::Value> {
     if let Some(adapter) = &args.adapter {
         model = import_adapter(&model, adapter)?;
     }
-    model.check_ids(&args.ids)?;
-    let ids: Tensor<2, Int> = Tensor::from_data(
-        TensorData::new(
-            args.ids.iter().map(|&i| i as i64).collect(),
-            [1, args.ids.len()],
-        ),
-        &device,
-    );
-    let logits = model.forward(ids.clone());
-    let loss = (args.ids.len() > 1).then(|| {
-        devft::HostTensor::from_tensor(next_token_loss(logits.clone(), ids, None)).values()[0]
-    });
-    let vocab = model.config().vocab_size;
-    let logits = devft::HostTensor::from_tensor(logits);
-    let rows: Vec<&[f32]> = logits.values().chunks(vocab).collect();
+    let scores = model.score(&args.ids)?;
     Ok(serde_json::json!({
         "ids": args.ids,
-        "vocab_size": vocab,
-        "loss": loss,
-        "logits": rows,
+        "vocab_size": model.config().vocab_size,
+        "loss": scores.loss,
+        "logits": scores.rows(),
     }))
 }
 

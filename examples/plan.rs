@@ -15,11 +15,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use burn::tensor::{Int, Tensor, TensorData};
 use clap::Parser;
 use devft::fusion::FuserKind;
 use devft::grouping::{GrouperKind, SpectralGrouper, layer_similarity};
-use devft::model::{CausalLm, import_adapter, next_token_loss};
+use devft::model::{CausalLm, import_adapter};
 use devft::transfer::build_submodel;
 
 /// DevFT grouping and fusion of a model, as JSON.
@@ -71,7 +70,6 @@ fn run(args: Args) -> devft::Result<serde_json::Value> {
     if let Some(adapter) = &args.adapter {
         model = import_adapter(&model, adapter)?;
     }
-    model.check_ids(&args.ids)?;
     let fuser = fuser_kind(&args.fuser, args.beta)?;
     let similarity = layer_similarity(&model)?;
     let (spectral_grouping, spectral) = SpectralGrouper::new()
@@ -82,20 +80,7 @@ fn run(args: Args) -> devft::Result<serde_json::Value> {
         other => other.build(args.seed).group(&model, args.groups)?,
     };
     let submodel = build_submodel(&model, &grouping, fuser.build()?.as_ref())?;
-    let ids: Tensor<2, Int> = Tensor::from_data(
-        TensorData::new(
-            args.ids.iter().map(|&i| i as i64).collect(),
-            [1, args.ids.len()],
-        ),
-        &device,
-    );
-    let logits = submodel.forward(ids.clone());
-    let loss = (args.ids.len() > 1).then(|| {
-        devft::HostTensor::from_tensor(next_token_loss(logits.clone(), ids, None)).values()[0]
-    });
-    let vocab = model.config().vocab_size;
-    let logits = devft::HostTensor::from_tensor(logits);
-    let rows: Vec<&[f32]> = logits.values().chunks(vocab).collect();
+    let scores = submodel.score(&args.ids)?;
     Ok(serde_json::json!({
         "num_layers": model.num_layers(),
         "cosine": similarity.cosine,
@@ -106,8 +91,8 @@ fn run(args: Args) -> devft::Result<serde_json::Value> {
         "fuser": fuser,
         "groups": grouping.groups(),
         "ids": args.ids,
-        "loss": loss,
-        "logits": rows,
+        "loss": scores.loss,
+        "logits": scores.rows(),
     }))
 }
 

@@ -13,9 +13,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use burn::tensor::{Int, Tensor, TensorData};
 use clap::Parser;
-use devft::model::{CausalLm, import_adapter, next_token_loss};
+use devft::model::{CausalLm, import_adapter};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama");
 
@@ -37,16 +36,6 @@ struct Args {
     /// Backend: flex, ndarray, tch, wgpu or cuda (those enabled as features).
     #[arg(long, default_value = "flex")]
     device: String,
-}
-
-fn loss(model: &CausalLm, ids: &[u32]) -> f32 {
-    let device = model.device();
-    let ids: Tensor<2, Int> = Tensor::from_data(
-        TensorData::new(ids.iter().map(|&i| i as i64).collect(), [1, ids.len()]),
-        &device,
-    );
-    let value = next_token_loss(model.forward(ids.clone()), ids, None);
-    devft::HostTensor::from_tensor(value).values()[0]
 }
 
 fn run(args: Args) -> devft::Result<()> {
@@ -89,15 +78,9 @@ fn model_report(label: &str, model: &CausalLm, args: &Args) -> devft::Result<()>
     let started = Instant::now();
     let generated = model.generate_greedy(&args.prompt, args.max_new_tokens, &[])?;
     let elapsed = started.elapsed();
-    let mut sequence = args.prompt.clone();
-    sequence.extend(&generated);
     println!(
         "{label}: prompt loss {:.4}, greedy continuation {:?} ({:.1} tokens/s)",
-        if args.prompt.len() > 1 {
-            loss(model, &args.prompt)
-        } else {
-            f32::NAN
-        },
+        model.score(&args.prompt)?.loss.unwrap_or(f32::NAN),
         generated,
         generated.len() as f64 / elapsed.as_secs_f64()
     );

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use devft::aggregate::{
-    Aggregator, ClientUpdate, DpFixedClipping, FedAvg, FedAvgM, FedOpt, FedProx, FfaLora, Krum,
-    TrimmedMean,
+    Aggregator, ClientUpdate, DpFixedClipping, FedAvg, FedAvgM, FedOpt, FedProx, FedSaLora,
+    FfaLora, Krum, TrimmedMean,
 };
 use devft::{Error, HostTensor, ParamMap};
 
@@ -44,6 +44,7 @@ fn all_aggregators() -> Vec<Box<dyn Aggregator>> {
         Box::new(FedOpt::yogi()),
         Box::new(FedOpt::adagrad()),
         Box::new(FfaLora),
+        Box::new(FedSaLora),
         Box::new(TrimmedMean::new(0.25).unwrap()),
         Box::new(Krum::new(1)),
         Box::new(Krum::multi(1, 2)),
@@ -88,6 +89,19 @@ fn ffa_lora_keeps_a_and_averages_b() {
     assert_eq!(values(&new, "layers.0.q.lora_A.weight"), [9.0, 9.0]);
     assert_eq!(values(&new, "layers.0.q.lora_B.weight"), [4.0]);
     assert!(FfaLora.client_instructions().freeze_lora_a);
+}
+
+#[test]
+fn fedsa_lora_averages_a_and_keeps_b() {
+    let global = params(&[9.0, 9.0], &[5.0]);
+    let updates = [
+        update(0, params(&[1.0, 1.0], &[2.0]), 1),
+        update(1, params(&[4.0, 7.0], &[6.0]), 2),
+    ];
+    let new = FedSaLora.aggregate(&global, &updates).unwrap();
+    assert_eq!(values(&new, "layers.0.q.lora_A.weight"), [3.0, 5.0]);
+    assert_eq!(values(&new, "layers.0.q.lora_B.weight"), [5.0]);
+    assert!(FedSaLora.client_instructions().personal_lora_b);
 }
 
 #[test]

@@ -290,3 +290,51 @@ fn invalid_run_settings_are_rejected() {
         Err(devft::Error::InvalidArgument(_))
     ));
 }
+
+#[test]
+fn fedsa_lora_sends_only_a_keeps_b_per_client_and_resumes_exactly() {
+    use devft::aggregate::{FedSaLora, is_lora_a};
+    let before = initial_eval_loss();
+    let a_values: usize = model()
+        .lora_params()
+        .iter()
+        .filter(|(n, _)| is_lora_a(n))
+        .map(|(_, t)| t.len())
+        .sum();
+    let (clients, eval) = data();
+    let fresh = || {
+        FederatedRun::new(
+            config(4),
+            Strategy::fedit(),
+            Box::new(FedSaLora),
+            clients.clone(),
+            eval.clone(),
+        )
+        .unwrap()
+    };
+    let straight = fresh().run(model(), &device().autodiff()).unwrap();
+    for m in &straight.metrics {
+        assert_eq!(
+            m.bytes_up.payload,
+            (3 * 4 * a_values) as u64,
+            "round {}: only A goes up",
+            m.round
+        );
+    }
+    let after = straight.metrics.last().unwrap().eval_loss.unwrap();
+    assert!(after < before - 0.05, "eval loss {before} -> {after}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = fresh()
+        .with_checkpoints(dir.path())
+        .stop_after_round(2)
+        .run(model(), &device().autodiff())
+        .unwrap();
+    assert!(!first.completed);
+    let resumed = fresh()
+        .with_checkpoints(dir.path())
+        .run(model(), &device().autodiff())
+        .unwrap();
+    assert_eq!(resumed.model.lora_params(), straight.model.lora_params());
+    assert_eq!(timeless(&resumed.metrics), timeless(&straight.metrics));
+}

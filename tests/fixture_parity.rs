@@ -27,6 +27,20 @@ fn base_logits_and_losses_match_transformers() {
 }
 
 #[test]
+fn score_matches_transformers_logits_and_loss() {
+    let model = CausalLm::load(tiny_llama_dir(), &device()).unwrap();
+    let fixture = fixture_json("logits.json");
+    let sequence = &fixture["sequences"][1];
+    let scores = model.score(&ids(&sequence["input_ids"])).unwrap();
+    let diff = max_abs_diff(scores.logits.values(), &flat_f64(&sequence["logits"]));
+    assert!(diff < 1e-4, "logits differ by {diff}");
+    assert_eq!(scores.rows().len(), ids(&sequence["input_ids"]).len());
+    let loss = f64::from(scores.loss.unwrap());
+    assert!((loss - sequence["loss"].as_f64().unwrap()).abs() < 1e-5);
+    assert!(model.score(&[5]).unwrap().loss.is_none());
+}
+
+#[test]
 fn peft_adapter_logits_match_peft() {
     let model = CausalLm::load(tiny_llama_dir(), &device()).unwrap();
     let model = import_adapter(&model, tiny_llama_dir().join("adapter")).unwrap();

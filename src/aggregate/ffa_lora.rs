@@ -1,8 +1,6 @@
 //! FFA-LoRA (Sun et al., 2024): `A` frozen at its initial value, only `B` trained and shared.
 
-use crate::aggregate::{
-    Aggregator, ClientInstructions, ClientUpdate, check_updates, weighted_mean,
-};
+use crate::aggregate::{Aggregator, ClientInstructions, ClientUpdate, is_lora_a, partial_mean};
 use crate::error::Result;
 use crate::params::ParamMap;
 
@@ -25,18 +23,6 @@ impl Aggregator for FfaLora {
     }
 
     fn aggregate(&mut self, global: &ParamMap, updates: &[ClientUpdate]) -> Result<ParamMap> {
-        check_updates(global, updates)?;
-        let mean = weighted_mean(global, updates)?;
-        Ok(mean
-            .into_iter()
-            .map(|(name, tensor)| {
-                if name.contains(".lora_A.") {
-                    let kept = global.get(&name).expect("checked names").clone();
-                    (name, kept)
-                } else {
-                    (name, tensor)
-                }
-            })
-            .collect())
+        partial_mean(global, updates, |name| !is_lora_a(name))
     }
 }

@@ -13,6 +13,7 @@ mod fedavg;
 mod fedavgm;
 mod fedopt;
 mod fedprox;
+mod fedsa_lora;
 mod ffa_lora;
 mod krum;
 mod trimmed_mean;
@@ -22,6 +23,7 @@ pub use fedavg::FedAvg;
 pub use fedavgm::FedAvgM;
 pub use fedopt::{FedAdagrad, FedAdam, FedOpt, FedOptVariant, FedYogi};
 pub use fedprox::FedProx;
+pub use fedsa_lora::FedSaLora;
 pub use ffa_lora::FfaLora;
 pub use krum::Krum;
 pub use trimmed_mean::TrimmedMean;
@@ -53,6 +55,8 @@ pub struct ClientInstructions {
     pub proximal_mu: f64,
     /// FFA-LoRA: keep every `lora_A` at its received value (train `B` only).
     pub freeze_lora_a: bool,
+    /// FedSA-LoRA: keep `lora_B` on the client between rounds and send only `lora_A`.
+    pub personal_lora_b: bool,
 }
 
 /// Combines client updates into a new global adapter.
@@ -251,6 +255,31 @@ pub(crate) fn combine(
         out.insert(name, HostTensor::new(tensor.shape().to_vec(), values)?);
     }
     Ok(out)
+}
+
+/// Whether a tensor name is a LoRA `A` factor.
+pub fn is_lora_a(name: &str) -> bool {
+    name.contains(".lora_A.")
+}
+
+/// The weighted mean of the tensors for which `averaged(name)` holds; the others keep the
+/// global's value.
+pub(crate) fn partial_mean(
+    global: &ParamMap,
+    updates: &[ClientUpdate],
+    averaged: impl Fn(&str) -> bool,
+) -> Result<ParamMap> {
+    Ok(weighted_mean(global, updates)?
+        .into_iter()
+        .map(|(name, tensor)| {
+            if averaged(&name) {
+                (name, tensor)
+            } else {
+                let kept = global.get(&name).expect("checked names").clone();
+                (name, kept)
+            }
+        })
+        .collect())
 }
 
 /// Applies `f(global, other)` element-wise over matching tensors of two maps with the same

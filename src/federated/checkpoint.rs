@@ -48,6 +48,8 @@ pub(crate) struct Checkpoint {
     pub global: ParamMap,
     /// The aggregator's server state.
     pub aggregator: ParamMap,
+    /// Per-client state kept on the clients (FedSA-LoRA's `B`), named `client.{id}.{name}`.
+    pub personal: ParamMap,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -75,6 +77,8 @@ impl Checkpoint {
             .save_safetensors(tmp.join("global.safetensors"))?;
         self.aggregator
             .save_safetensors(tmp.join("aggregator.safetensors"))?;
+        self.personal
+            .save_safetensors(tmp.join("personal.safetensors"))?;
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
         }
@@ -110,6 +114,7 @@ impl Checkpoint {
             )?,
             global: ParamMap::load_safetensors(round_dir.join("global.safetensors"))?,
             aggregator: ParamMap::load_safetensors(round_dir.join("aggregator.safetensors"))?,
+            personal: ParamMap::load_safetensors(round_dir.join("personal.safetensors"))?,
         }))
     }
 }

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 
-use crate::aggregate::{Aggregator, ClientUpdate, check_update};
+use crate::aggregate::{Aggregator, ClientUpdate, check_update, is_lora_a, partial_mean};
 use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
 use crate::federated::checkpoint::{Checkpoint, RunState};
@@ -79,6 +79,8 @@ struct StageRun {
     submodel: CausalLm,
     global: ParamMap,
     stage_start_lora: ParamMap,
+    /// FedSA-LoRA: each client's own `lora_B` tensors, kept between rounds of the stage.
+    personal: BTreeMap<usize, ParamMap>,
 }
 
 fn mix(seed: u64, value: u64) -> u64 {
@@ -184,6 +186,7 @@ impl FederatedRun {
             stage_start_lora: model.lora_params(),
             grouping,
             submodel,
+            personal: BTreeMap::new(),
         })
     }
 
@@ -198,6 +201,7 @@ impl FederatedRun {
             stage_start_lora: checkpoint.stage_start_lora.clone(),
             grouping,
             submodel,
+            personal: split_personal(&checkpoint.personal)?,
         })
     }
 
@@ -291,11 +295,17 @@ impl FederatedRun {
                     } else {
                         (current.global.clone(), current.stage_start_lora.clone())
                     };
+                    let personal = if stage_finished {
+                        ParamMap::new()
+                    } else {
+                        join_personal(&current.personal)
+                    };
                     Checkpoint {
                         state: state.clone(),
                         stage_start_lora,
                         global,
                         aggregator: self.aggregator.state(),
+                        personal,
                     }
                     .save(dir)?;
                 }
@@ -332,7 +342,7 @@ impl FederatedRun {
         state: &mut RunState,
         stage: Stage,
     ) -> Result<()> {
-        transfer_lora(model, &current.submodel, &current.grouping)?;
+        transfer_lora(model, &self.evaluated_submodel(current)?, &current.grouping)?;
         let last = state.metrics.last();
         state.stage_outcomes.push(StageOutcome {
             stage,
@@ -373,6 +383,7 @@ impl FederatedRun {
         let max_bytes = ((down_bytes.len() as f64) * self.config.max_update_factor).ceil() as usize;
         let instructions = self.aggregator.client_instructions();
         let mut updates = Vec::new();
+        let mut kept = Vec::new();
         let mut failed = Vec::new();
         let mut losses = Vec::new();
         for &client in &sampled {
@@ -393,14 +404,28 @@ impl FederatedRun {
                     .map_err(|e| e.to_string()),
             };
             let reply = reply.and_then(|(adapter, loss)| {
+                let adapter = if instructions.personal_lora_b {
+                    let (shared, own): (ParamMap, ParamMap) =
+                        adapter.into_iter().partition(|(name, _)| is_lora_a(name));
+                    kept.push((client, own));
+                    shared
+                } else {
+                    adapter
+                };
                 let (mut bytes, size) = wire::encode(&adapter).map_err(|e| e.to_string())?;
                 corrupt(&mut bytes, fault.as_ref(), max_bytes);
                 up_size = WireSize {
                     payload: size.payload,
                     total: bytes.len() as u64,
                 };
-                let params = wire::decode(&bytes, max_bytes, &format!("client {client}"))
+                let mut params = wire::decode(&bytes, max_bytes, &format!("client {client}"))
                     .map_err(|e| e.to_string())?;
+                if instructions.personal_lora_b {
+                    // Only A travelled; the update's B is the global one, left as it is.
+                    for (name, tensor) in current.global.iter().filter(|(n, _)| !is_lora_a(n)) {
+                        params.insert(name, tensor.clone());
+                    }
+                }
                 let update = ClientUpdate {
                     client,
                     params,
@@ -427,6 +452,7 @@ impl FederatedRun {
                 }
             }
         }
+        current.personal.extend(kept);
         let aggregated = updates.len() >= self.config.min_successful_clients;
         if aggregated {
             current.global = self.aggregator.aggregate(&current.global, &updates)?;
@@ -440,7 +466,11 @@ impl FederatedRun {
             );
         }
         let mut eval_model = model.clone();
-        transfer_lora(&mut eval_model, &current.submodel, &current.grouping)?;
+        transfer_lora(
+            &mut eval_model,
+            &self.evaluated_submodel(current)?,
+            &current.grouping,
+        )?;
         let eval_loss = evaluate_loss(
             &eval_model,
             &self.eval,
@@ -476,7 +506,12 @@ impl FederatedRun {
         train_device: &Device,
         seed: u64,
     ) -> Result<(ParamMap, f64)> {
-        let received = wire::decode(down_bytes, usize::MAX, "server")?;
+        let mut received = wire::decode(down_bytes, usize::MAX, "server")?;
+        if instructions.personal_lora_b
+            && let Some(own) = current.personal.get(&client)
+        {
+            received.extend(own.clone());
+        }
         let mut local = current.submodel.clone();
         local.load_lora_params(&received)?;
         let outcome = train_local(
@@ -488,6 +523,31 @@ impl FederatedRun {
             seed,
         )?;
         Ok((outcome.adapter, outcome.mean_loss))
+    }
+
+    /// The submodel whose adapter is evaluated and transferred: the global adapter, with
+    /// FedSA-LoRA's personal `B`s replaced by their example-weighted mean.
+    fn evaluated_submodel(&self, current: &StageRun) -> Result<CausalLm> {
+        if current.personal.is_empty() {
+            return Ok(current.submodel.clone());
+        }
+        let updates: Vec<ClientUpdate> = current
+            .personal
+            .iter()
+            .map(|(&client, own)| {
+                let mut params = current.global.clone();
+                params.extend(own.clone());
+                ClientUpdate {
+                    client,
+                    params,
+                    num_examples: self.clients[client].len(),
+                    metrics: BTreeMap::new(),
+                }
+            })
+            .collect();
+        let mut submodel = current.submodel.clone();
+        submodel.load_lora_params(&partial_mean(&current.global, &updates, |n| !is_lora_a(n))?)?;
+        Ok(submodel)
     }
 
     /// Parameters, plus gradients and two AdamW moments of the trainable values, plus an
@@ -540,6 +600,38 @@ impl FederatedRun {
         bar.set_prefix(self.label.clone());
         Some(bar)
     }
+}
+
+/// Personal tensors of all clients in one map, named `client.{id}.{name}`.
+fn join_personal(personal: &BTreeMap<usize, ParamMap>) -> ParamMap {
+    personal
+        .iter()
+        .flat_map(|(client, own)| {
+            own.iter()
+                .map(move |(name, t)| (format!("client.{client}.{name}"), t.clone()))
+        })
+        .collect()
+}
+
+/// The inverse of [`join_personal`].
+fn split_personal(joined: &ParamMap) -> Result<BTreeMap<usize, ParamMap>> {
+    let mut personal: BTreeMap<usize, ParamMap> = BTreeMap::new();
+    for (name, tensor) in joined.iter() {
+        let parsed = name
+            .strip_prefix("client.")
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(id, inner)| Some((id.parse::<usize>().ok()?, inner)));
+        let Some((client, inner)) = parsed else {
+            return Err(Error::UnexpectedTensor {
+                name: name.to_string(),
+            });
+        };
+        personal
+            .entry(client)
+            .or_default()
+            .insert(inner, tensor.clone());
+    }
+    Ok(personal)
 }
 
 /// Applies an injected message fault to the bytes a client sends.

@@ -1,9 +1,8 @@
 //! Greedy decoding with a KV cache.
 
-use burn::tensor::{Int, Tensor, TensorData};
-
 use crate::error::{Error, Result};
 use crate::model::causal_lm::{CausalLm, KvCache};
+use crate::model::score::token_tensor;
 
 impl CausalLm {
     /// Greedily extends `prompt` by up to `max_new_tokens` tokens, stopping after the first token
@@ -35,11 +34,7 @@ impl CausalLm {
         let mut generated = Vec::new();
         let mut input = prompt.to_vec();
         for _ in 0..max_new_tokens {
-            let ids = Tensor::<2, Int>::from_data(
-                TensorData::new(input.iter().map(|&t| t as i64).collect(), [1, input.len()]),
-                &device,
-            );
-            let logits = self.forward_cached(ids, &mut cache);
+            let logits = self.forward_cached(token_tensor(&input, &device), &mut cache);
             let [_, seq, vocab] = logits.dims();
             let last = logits.narrow(1, seq - 1, 1).reshape([vocab]);
             let next = last

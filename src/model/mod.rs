@@ -16,6 +16,7 @@ mod loss;
 mod mlp;
 pub mod peft;
 mod rope;
+mod score;
 
 pub use attention::{AttentionContext, LayerCache, SelfAttention};
 pub use causal_lm::{CausalLm, KvCache};
@@ -27,3 +28,4 @@ pub use loss::next_token_loss;
 pub use mlp::SwiGluMlp;
 pub use peft::{PeftAdapterConfig, export_adapter, import_adapter};
 pub use rope::{RotaryEmbedding, apply_rotary};
+pub use score::{SequenceScores, token_tensor};

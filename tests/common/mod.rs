@@ -5,7 +5,7 @@ pub mod reference;
 
 use std::path::PathBuf;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 
 /// `tests/fixtures/tiny-llama`: a copy of `shared/fixtures/tiny-llama` (transformers + PEFT).
 pub fn tiny_llama_dir() -> PathBuf {
@@ -49,10 +49,7 @@ pub fn device() -> Device {
 
 /// `[1, len]` token tensor.
 pub fn id_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
-    Tensor::from_data(
-        TensorData::new(ids.iter().map(|&i| i as i64).collect(), [1, ids.len()]),
-        device,
-    )
+    devft::model::token_tensor(ids, device)
 }
 
 /// Reads a float tensor back as `f32` values.

@@ -1,0 +1,34 @@
+//! FedSA-LoRA (Guo et al., 2025): `A` learns what clients share and is aggregated; `B`
+//! stays on each client.
+
+use crate::aggregate::{Aggregator, ClientInstructions, ClientUpdate, is_lora_a, partial_mean};
+use crate::error::Result;
+use crate::params::ParamMap;
+
+/// Clients keep their own `lora_B` from round to round and send only `lora_A`
+/// ([`ClientInstructions::personal_lora_b`], applied by devft's federated loop, which also
+/// counts only the `A` bytes as uplink); the server averages the `A` tensors by examples and
+/// leaves the global `B` as it is.
+///
+/// devft's loop evaluates (and transfers between DevFT stages) the global `A` with the
+/// example-weighted mean of the clients' `B`: an evaluation-only view that a deployment would
+/// obtain from a separate, evaluation-only upload.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FedSaLora;
+
+impl Aggregator for FedSaLora {
+    fn name(&self) -> String {
+        "fedsa-lora".into()
+    }
+
+    fn client_instructions(&self) -> ClientInstructions {
+        ClientInstructions {
+            personal_lora_b: true,
+            ..Default::default()
+        }
+    }
+
+    fn aggregate(&mut self, global: &ParamMap, updates: &[ClientUpdate]) -> Result<ParamMap> {
+        partial_mean(global, updates, is_lora_a)
+    }
+}
