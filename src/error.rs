@@ -95,6 +95,27 @@ impl Error {
         }
     }
 
+    /// The same error with `prefix` before the tensor name it carries (for errors found on a
+    /// part, such as one layer, reported in the whole's naming).
+    pub(crate) fn with_name_prefix(self, prefix: &str) -> Self {
+        let named = |name: String| format!("{prefix}{name}");
+        match self {
+            Error::MissingTensor { name } => Error::MissingTensor { name: named(name) },
+            Error::UnexpectedTensor { name } => Error::UnexpectedTensor { name: named(name) },
+            Error::ShapeMismatch {
+                name,
+                expected,
+                found,
+            } => Error::ShapeMismatch {
+                name: named(name),
+                expected,
+                found,
+            },
+            Error::NonFinite { name } => Error::NonFinite { name: named(name) },
+            other => other,
+        }
+    }
+
     /// Builds an [`Error::Json`] for `path`.
     pub(crate) fn json(path: impl Into<PathBuf>, source: serde_json::Error) -> Self {
         Error::Json {

@@ -383,7 +383,7 @@ impl CausalLm {
         for (i, (layer, params)) in updated.iter_mut().zip(&per_layer).enumerate() {
             layer
                 .load_lora_params(params)
-                .map_err(|e| prefix_error(e, &layer_prefix(i)))?;
+                .map_err(|e| e.with_name_prefix(&layer_prefix(i)))?;
         }
         self.layers = updated;
         Ok(())
@@ -472,30 +472,5 @@ impl CausalLm {
             TensorData::new(mask, [1, 1, seq, total]),
             device,
         ))
-    }
-}
-
-/// Adds the layer prefix to the tensor name an error carries.
-fn prefix_error(error: Error, prefix: &str) -> Error {
-    match error {
-        Error::MissingTensor { name } => Error::MissingTensor {
-            name: format!("{prefix}{name}"),
-        },
-        Error::UnexpectedTensor { name } => Error::UnexpectedTensor {
-            name: format!("{prefix}{name}"),
-        },
-        Error::ShapeMismatch {
-            name,
-            expected,
-            found,
-        } => Error::ShapeMismatch {
-            name: format!("{prefix}{name}"),
-            expected,
-            found,
-        },
-        Error::NonFinite { name } => Error::NonFinite {
-            name: format!("{prefix}{name}"),
-        },
-        other => other,
     }
 }

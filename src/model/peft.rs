@@ -219,23 +219,8 @@ pub fn import_adapter(model: &CausalLm, dir: impl AsRef<Path>) -> Result<CausalL
         params.insert(inner, tensor);
     }
     let mut model = model.clone().with_lora(&lora, 0)?;
-    model.load_lora_params(&params).map_err(|e| match e {
-        Error::MissingTensor { name } => Error::MissingTensor {
-            name: format!("{PEFT_KEY_PREFIX}{name}"),
-        },
-        Error::UnexpectedTensor { name } => Error::UnexpectedTensor {
-            name: format!("{PEFT_KEY_PREFIX}{name}"),
-        },
-        Error::ShapeMismatch {
-            name,
-            expected,
-            found,
-        } => Error::ShapeMismatch {
-            name: format!("{PEFT_KEY_PREFIX}{name}"),
-            expected,
-            found,
-        },
-        other => other,
-    })?;
+    model
+        .load_lora_params(&params)
+        .map_err(|e| e.with_name_prefix(PEFT_KEY_PREFIX))?;
     Ok(model)
 }
