@@ -36,6 +36,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A GGUF file is malformed or uses something devft cannot read.
+    #[error("GGUF `{source_name}`: {reason}")]
+    Gguf {
+        /// The file involved.
+        source_name: String,
+        /// What is wrong (bad magic, unsupported version or quant type, truncated data, ...).
+        reason: String,
+    },
     /// A tensor the model needs is absent from the checkpoint or adapter.
     #[error("missing tensor `{name}`")]
     MissingTensor {

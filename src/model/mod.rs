@@ -11,6 +11,7 @@ mod checkpoint;
 mod config;
 mod decoder;
 mod generate;
+pub mod gguf;
 mod lora;
 mod loss;
 mod mlp;

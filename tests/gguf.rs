@@ -1,0 +1,164 @@
+//! GGUF reading: dequantisation against hand-computed values and malformed files.
+
+use devft::Error;
+use devft::model::gguf::{GgufFile, GgufValue};
+
+/// A tensor to write: name, GGUF dims (innermost first), type id, raw data.
+struct Raw<'a>(&'a str, Vec<u64>, u32, Vec<u8>);
+
+fn string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+/// A GGUF v3 file with one u32 and one string metadata entry, alignment 32.
+fn write(tensors: &[Raw]) -> Vec<u8> {
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend(2u64.to_le_bytes());
+    string(&mut out, "general.alignment");
+    out.extend(4u32.to_le_bytes());
+    out.extend(32u32.to_le_bytes());
+    string(&mut out, "general.architecture");
+    out.extend(8u32.to_le_bytes());
+    string(&mut out, "llama");
+    let mut offset = 0u64;
+    let mut offsets = Vec::new();
+    for Raw(name, dims, kind, data) in tensors {
+        string(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend(d.to_le_bytes());
+        }
+        out.extend(kind.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offsets.push(offset);
+        offset += (data.len() as u64).div_ceil(32) * 32;
+    }
+    while !out.len().is_multiple_of(32) {
+        out.push(0);
+    }
+    let start = out.len();
+    for (Raw(_, _, _, data), off) in tensors.iter().zip(offsets) {
+        out.resize(start + off as usize, 0);
+        out.extend(data);
+    }
+    out
+}
+
+fn open(bytes: &[u8]) -> devft::Result<GgufFile> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    GgufFile::open(&path)
+}
+
+fn f16(v: f32) -> [u8; 2] {
+    half::f16::from_f32(v).to_le_bytes()
+}
+
+#[test]
+fn dequantises_every_supported_type() {
+    // Q8_0: d = 0.5, q = -16..16 -> x = 0.5 q.
+    let mut q8 = f16(0.5).to_vec();
+    q8.extend((0..32).map(|i| (i as i8 - 16) as u8));
+    // Q4_0: d = 0.25, byte j holds q_j (low) and q_{j+16} (high); x = d (q - 8).
+    let mut q40 = f16(0.25).to_vec();
+    q40.extend((0..16u8).map(|j| (j % 16) | (((15 - j) % 16) << 4)));
+    // Q4_1: d = 2, m = -1; x = d q + m.
+    let mut q41 = f16(2.0).to_vec();
+    q41.extend(f16(-1.0));
+    q41.extend((0..16u8).map(|j| j | (j << 4)));
+    let f32s: Vec<u8> = [1.5f32, -2.25, 3.0, 0.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let bf: Vec<u8> = [1.0f32, -0.5]
+        .iter()
+        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+        .collect();
+    let file = open(&write(&[
+        Raw("q8", vec![32], 8, q8),
+        Raw("q40", vec![32], 2, q40),
+        Raw("q41", vec![32], 3, q41),
+        Raw("mat", vec![2, 2], 0, f32s),
+        Raw("half", vec![2], 1, [f16(0.75), f16(-4.0)].concat()),
+        Raw("bf", vec![2], 30, bf),
+    ]))
+    .unwrap();
+    assert_eq!(file.version, 3);
+    assert_eq!(
+        file.metadata["general.architecture"],
+        GgufValue::String("llama".into())
+    );
+
+    let expected_q8: Vec<f32> = (0..32).map(|i| 0.5 * (i as f32 - 16.0)).collect();
+    assert_eq!(file.tensor("q8").unwrap().values(), expected_q8.as_slice());
+    let low: Vec<f32> = (0..16).map(|j| 0.25 * (j as f32 - 8.0)).collect();
+    let high: Vec<f32> = (0..16).map(|j| 0.25 * ((15 - j) as f32 - 8.0)).collect();
+    assert_eq!(
+        file.tensor("q40").unwrap().values(),
+        [low, high].concat().as_slice()
+    );
+    let half41: Vec<f32> = (0..16).map(|j| 2.0 * j as f32 - 1.0).collect();
+    assert_eq!(
+        file.tensor("q41").unwrap().values(),
+        [half41.clone(), half41].concat().as_slice()
+    );
+    let mat = file.tensor("mat").unwrap();
+    assert_eq!(mat.shape(), &[2, 2]);
+    assert_eq!(mat.values(), &[1.5, -2.25, 3.0, 0.0]);
+    assert_eq!(file.tensor("half").unwrap().values(), &[0.75, -4.0]);
+    assert_eq!(file.tensor("bf").unwrap().values(), &[1.0, -0.5]);
+    assert!(matches!(
+        file.tensor("absent"),
+        Err(Error::MissingTensor { .. })
+    ));
+}
+
+fn assert_gguf_error(bytes: &[u8], needle: &str) {
+    match open(bytes) {
+        Err(Error::Gguf { reason, .. }) => assert!(reason.contains(needle), "{reason}"),
+        Err(other) => panic!("expected a GGUF error about `{needle}`, got {other}"),
+        Ok(_) => panic!("expected a GGUF error about `{needle}`"),
+    }
+}
+
+#[test]
+fn malformed_files_give_typed_errors() {
+    let good = write(&[Raw("w", vec![4], 0, vec![0; 16])]);
+    assert!(open(&good).is_ok());
+
+    let mut bad_magic = good.clone();
+    bad_magic[0] = b'X';
+    assert_gguf_error(&bad_magic, "magic");
+
+    assert_gguf_error(&good[..good.len() - 8], "past the end");
+    assert_gguf_error(&good[..40], "truncated");
+
+    let mut version = good.clone();
+    version[4..8].copy_from_slice(&7u32.to_le_bytes());
+    assert_gguf_error(&version, "version");
+
+    // The tensor count claims far more entries than the file could hold.
+    let mut huge = good.clone();
+    huge[8..16].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    assert_gguf_error(&huge, "count");
+
+    assert_gguf_error(
+        &write(&[Raw("k", vec![256], 12, vec![0; 144])]),
+        "unsupported type 12",
+    );
+
+    // An offset far beyond the data.
+    let mut past = write(&[Raw("w", vec![4], 0, vec![0; 16])]);
+    // The entry: name "w", n_dims 1, dim 4, type 0, then the offset.
+    let pos = find(&past, b"w\x01\x00\x00\x00").expect("tensor entry") + 1 + 4 + 8 + 4;
+    past[pos..pos + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    assert_gguf_error(&past, "past the end");
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
