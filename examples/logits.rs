@@ -20,7 +20,8 @@ use devft::model::{CausalLm, import_adapter};
 /// Logits and loss of a model on given token ids, as JSON.
 #[derive(Parser, Debug)]
 struct Args {
-    /// HuggingFace model directory (config.json + model.safetensors or a sharded index).
+    /// HuggingFace model directory (config.json + model.safetensors or a sharded index), or a
+    /// `.gguf` file.
     #[arg(long)]
     model: PathBuf,
     /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).

@@ -24,7 +24,7 @@ use devft::transfer::build_submodel;
 /// DevFT grouping and fusion of a model, as JSON.
 #[derive(Parser, Debug)]
 struct Args {
-    /// HuggingFace model directory.
+    /// HuggingFace model directory, or a `.gguf` file.
     #[arg(long)]
     model: PathBuf,
     /// PEFT adapter directory.

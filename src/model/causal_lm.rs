@@ -98,14 +98,21 @@ fn layer_prefix(index: usize) -> String {
 
 impl CausalLm {
     /// Loads a HuggingFace model directory (`config.json` plus `model.safetensors` or a sharded
-    /// index) onto `device`.
+    /// index), or a `.gguf` file ([`CausalLm::from_gguf`]), onto `device`.
     ///
     /// # Errors
     ///
-    /// Any error of [`HfConfig::load`], [`HfConfig::resolve`], [`Checkpoint::open`] and
-    /// [`CausalLm::from_source`].
+    /// Any error of [`HfConfig::load`], [`HfConfig::resolve`], [`Checkpoint::open`],
+    /// [`CausalLm::from_gguf`] and [`CausalLm::from_source`].
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
+        if dir.is_file()
+            && dir
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return Self::from_gguf(dir, device);
+        }
         let config = HfConfig::load(dir.join("config.json"))?.resolve()?;
         let checkpoint = Checkpoint::open(dir)?;
         Self::from_source(config, &checkpoint, device)

@@ -11,7 +11,9 @@ use std::path::Path;
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
-use crate::params::HostTensor;
+use crate::model::causal_lm::CausalLm;
+use crate::model::config::{DecoderConfig, HfConfig};
+use crate::params::{HostTensor, TensorSource};
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -373,5 +375,222 @@ pub fn dequantize(kind: GgufType, data: &[u8]) -> Vec<f32> {
                 low.chain(high)
             })
             .collect(),
+    }
+}
+
+/// The GGUF (llama.cpp) name of a transformers tensor name, if it has one.
+fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, inner) = rest.split_once('.')?;
+    let (module, suffix) = inner.rsplit_once('.')?;
+    let short = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{short}.{suffix}"))
+}
+
+/// The transformers name of a GGUF tensor name, if it has one.
+fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, inner) = rest.split_once('.')?;
+    let (short, suffix) = inner.rsplit_once('.')?;
+    let module = match short {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+}
+
+/// Undoes llama.cpp's per-head row permutation of Q and K (made for its interleaved RoPE):
+/// `hf_row[h*D + j*D/2 + i] = gguf_row[h*D + 2i + j]`.
+fn unpermute_rows(tensor: &HostTensor, heads: usize) -> Result<HostTensor> {
+    let rows = tensor.shape()[0];
+    let cols = tensor.len() / rows.max(1);
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return Err(Error::InvalidConfig(format!(
+            "cannot split {rows} rows into {heads} heads of even width"
+        )));
+    }
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut values = vec![0.0; tensor.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * head_dim + 2 * i + j;
+                let dst = h * head_dim + j * half + i;
+                values[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&tensor.values()[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    HostTensor::new(tensor.shape().to_vec(), values)
+}
+
+impl GgufFile {
+    fn meta(&self, key: &str) -> Option<&GgufValue> {
+        let arch = self.metadata.get("general.architecture")?.as_str()?;
+        self.metadata.get(&format!("{arch}.{key}"))
+    }
+
+    fn meta_usize(&self, key: &str) -> Result<usize> {
+        self.meta(key)
+            .and_then(GgufValue::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::Gguf {
+                source_name: self.source_name.clone(),
+                reason: format!("metadata `<arch>.{key}` is missing or not an integer"),
+            })
+    }
+
+    /// The architecture (`general.architecture`).
+    pub fn architecture(&self) -> Option<&str> {
+        self.metadata.get("general.architecture")?.as_str()
+    }
+
+    /// The decoder configuration from the GGUF metadata (`llama` and `qwen2` architectures).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Gguf`] for another architecture or missing keys, and the errors of
+    /// [`crate::model::HfConfig::resolve`].
+    pub fn decoder_config(&self) -> Result<DecoderConfig> {
+        let arch = self.architecture().unwrap_or_default().to_string();
+        if arch != "llama" && arch != "qwen2" {
+            return Err(Error::Gguf {
+                source_name: self.source_name.clone(),
+                reason: format!("architecture `{arch}` is not supported (llama, qwen2)"),
+            });
+        }
+        let hidden = self.meta_usize("embedding_length")?;
+        let heads = self.meta_usize("attention.head_count")?;
+        let vocab = match self.meta_usize("vocab_size") {
+            Ok(v) => v,
+            Err(_) => self
+                .tensors
+                .get("token_embd.weight")
+                .and_then(|t| t.dims.get(1).copied())
+                .ok_or_else(|| Error::MissingTensor {
+                    name: "token_embd.weight".into(),
+                })?,
+        };
+        let hf = HfConfig {
+            model_type: Some(arch),
+            hidden_size: hidden,
+            intermediate_size: self.meta_usize("feed_forward_length")?,
+            num_hidden_layers: self.meta_usize("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: self.meta_usize("attention.head_count_kv").ok(),
+            head_dim: self.meta_usize("rope.dimension_count").ok(),
+            vocab_size: vocab,
+            rms_norm_eps: self
+                .meta("attention.layer_norm_rms_epsilon")
+                .and_then(GgufValue::as_f64)
+                .unwrap_or(1e-5),
+            rope_theta: self.meta("rope.freq_base").and_then(GgufValue::as_f64),
+            rope_scaling: None,
+            rope_parameters: None,
+            max_position_embeddings: self.meta_usize("context_length").unwrap_or(2048),
+            tie_word_embeddings: Some(!self.tensors.contains_key("output.weight")),
+            attention_bias: None,
+            mlp_bias: None,
+            hidden_act: None,
+            sliding_window: None,
+            use_sliding_window: None,
+            bos_token_id: None,
+            eos_token_id: None,
+        };
+        hf.resolve()
+    }
+}
+
+/// A GGUF file seen through transformers' tensor names and layout (Q/K rows un-permuted for
+/// the `llama` architecture), so that [`CausalLm::from_source`] can load it.
+pub struct GgufSource<'a> {
+    file: &'a GgufFile,
+    config: DecoderConfig,
+    unpermute: bool,
+}
+
+impl<'a> GgufSource<'a> {
+    /// The view of `file` for `config` (from [`GgufFile::decoder_config`]).
+    pub fn new(file: &'a GgufFile, config: DecoderConfig) -> Self {
+        let unpermute = file.architecture() == Some("llama");
+        Self {
+            file,
+            config,
+            unpermute,
+        }
+    }
+}
+
+impl TensorSource for GgufSource<'_> {
+    fn tensor_names(&self) -> Vec<String> {
+        self.file
+            .tensors
+            .keys()
+            .map(|n| hf_name(n).unwrap_or_else(|| n.clone()))
+            .collect()
+    }
+
+    fn load_tensor(&self, name: &str) -> Result<HostTensor> {
+        let gguf = gguf_name(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+        })?;
+        let tensor = self.file.tensor(&gguf).map_err(|_| Error::MissingTensor {
+            name: format!("{name} ({gguf})"),
+        })?;
+        if self.unpermute && name.ends_with("q_proj.weight") {
+            unpermute_rows(&tensor, self.config.num_heads)
+        } else if self.unpermute && name.ends_with("k_proj.weight") {
+            unpermute_rows(&tensor, self.config.num_kv_heads)
+        } else {
+            Ok(tensor)
+        }
+    }
+}
+
+impl CausalLm {
+    /// Loads a GGUF file (`llama` or `qwen2` architecture; F32, F16, BF16, Q8_0, Q4_0 or Q4_1
+    /// tensors, dequantised to f32) onto `device`.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`GgufFile::open`], [`GgufFile::decoder_config`] and
+    /// [`CausalLm::from_source`].
+    pub fn from_gguf(path: impl AsRef<Path>, device: &burn::tensor::Device) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = file.decoder_config()?;
+        let source = GgufSource::new(&file, config.clone());
+        Self::from_source(config, &source, device)
     }
 }
