@@ -47,6 +47,80 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// Builds the byte-level BPE tokenizer stored in a GGUF file (`tokenizer.ggml.model =
+    /// gpt2`): vocabulary from `tokenizer.ggml.tokens`, merges from `tokenizer.ggml.merges`,
+    /// and every token of type 3 (control) as a special token matched before BPE. The
+    /// pre-tokenizer is GPT-2's byte-level split, as transformers builds it from GGUF.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tokenizer`] when the model is not `gpt2` or the vocabulary or merges are
+    /// missing or malformed.
+    pub fn from_gguf(file: &crate::model::gguf::GgufFile) -> Result<Self> {
+        use crate::model::gguf::GgufValue;
+        use tokenizers::models::bpe::{BPE, Vocab};
+        use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+        let bad = |what: &str| Error::Tokenizer(format!("GGUF tokenizer: {what}"));
+        let model = file
+            .metadata
+            .get("tokenizer.ggml.model")
+            .and_then(GgufValue::as_str);
+        if model != Some("gpt2") {
+            return Err(bad(&format!(
+                "model {model:?} is not supported (gpt2 byte-level BPE is)"
+            )));
+        }
+        let strings = |key: &str| -> Result<Vec<String>> {
+            match file.metadata.get(key) {
+                Some(GgufValue::Array(items)) => items
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| bad(&format!("{key} holds a non-string")))
+                    })
+                    .collect(),
+                _ => Err(bad(&format!("{key} is missing"))),
+            }
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| bad(&format!("merge `{m}` is not two tokens")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let types: Vec<u64> = match file.metadata.get("tokenizer.ggml.token_type") {
+            Some(GgufValue::Array(items)) => {
+                items.iter().map(|v| v.as_u64().unwrap_or(1)).collect()
+            }
+            _ => vec![1; tokens.len()],
+        };
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| bad(&e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
+        inner.with_decoder(Some(ByteLevel::default()));
+        let specials: Vec<tokenizers::AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| **t == 3)
+            .map(|(token, _)| tokenizers::AddedToken::from(token.clone(), true))
+            .collect();
+        inner.add_special_tokens(&specials);
+        Ok(Self { inner })
+    }
+
     /// Wraps an already built `tokenizers::Tokenizer`.
     pub fn from_inner(inner: tokenizers::Tokenizer) -> Self {
         Self { inner }
