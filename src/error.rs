@@ -44,6 +44,14 @@ pub enum Error {
         /// What is wrong (bad magic, unsupported version or quant type, truncated data, ...).
         reason: String,
     },
+    /// An asset could not be fetched or failed its checksum.
+    #[error("fetching {asset}: {reason}")]
+    Fetch {
+        /// The asset (package and file).
+        asset: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A tensor the model needs is absent from the checkpoint or adapter.
     #[error("missing tensor `{name}`")]
     MissingTensor {

