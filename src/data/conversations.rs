@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::data::Example;
-use crate::data::examples::conversation_examples;
+use crate::data::examples::{conversation_examples, read_records};
 use crate::error::{Error, Result};
 use crate::tokenizer::{ChatTurn, PromptTemplate, Role};
 
@@ -32,15 +32,7 @@ struct ShareGptTurn {
 /// [`Error::Io`], [`Error::Json`], or [`Error::InvalidArgument`] for an unknown speaker.
 pub fn load_sharegpt(path: impl AsRef<Path>, template: PromptTemplate) -> Result<Vec<Example>> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let records: Vec<ShareGptRecord> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(&text).map_err(|e| Error::json(path, e))?
-    } else {
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).map_err(|e| Error::json(path, e)))
-            .collect::<Result<_>>()?
-    };
+    let records: Vec<ShareGptRecord> = read_records(path)?;
     let mut examples = Vec::new();
     for record in records {
         let turns = record

@@ -49,16 +49,7 @@ struct AlpacaRecord {
 ///
 /// [`Error::Io`], or [`Error::Json`] naming the file (and the line, for JSONL).
 pub fn load_alpaca(path: impl AsRef<Path>, template: PromptTemplate) -> Result<Vec<Example>> {
-    let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let records: Vec<AlpacaRecord> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(&text).map_err(|e| Error::json(path, e))?
-    } else {
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|line| serde_json::from_str(line).map_err(|e| Error::json(path, e)))
-            .collect::<Result<_>>()?
-    };
+    let records: Vec<AlpacaRecord> = read_records(path.as_ref())?;
     Ok(records
         .into_iter()
         .map(|r| {
@@ -70,6 +61,19 @@ pub fn load_alpaca(path: impl AsRef<Path>, template: PromptTemplate) -> Result<V
             }
         })
         .collect())
+}
+
+/// Reads records from a JSON array or from JSON Lines (one record per non-empty line).
+pub(crate) fn read_records<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    if text.trim_start().starts_with('[') {
+        serde_json::from_str(&text).map_err(|e| Error::json(path, e))
+    } else {
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| serde_json::from_str(line).map_err(|e| Error::json(path, e)))
+            .collect()
+    }
 }
 
 /// Loads plain text, split into paragraphs (blank-line separated); every token is a target.

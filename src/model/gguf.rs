@@ -378,56 +378,54 @@ pub fn dequantize(kind: GgufType, data: &[u8]) -> Vec<f32> {
     }
 }
 
+/// Transformers module paths inside a layer and their llama.cpp names.
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+];
+
+/// Whole-model tensors: transformers name and llama.cpp name.
+const TOP_NAMES: [(&str, &str); 3] = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// Renames `name` from one naming to the other: `forward` maps transformers to GGUF.
+fn rename(name: &str, forward: bool) -> Option<String> {
+    let pick = |pair: &(&'static str, &'static str)| if forward { *pair } else { (pair.1, pair.0) };
+    if let Some((_, to)) = TOP_NAMES.iter().map(pick).find(|(from, _)| *from == name) {
+        return Some(to.to_string());
+    }
+    let (prefix, to_prefix) = if forward {
+        ("model.layers.", "blk.")
+    } else {
+        ("blk.", "model.layers.")
+    };
+    let (layer, inner) = name.strip_prefix(prefix)?.split_once('.')?;
+    let (module, suffix) = inner.rsplit_once('.')?;
+    let (_, to) = LAYER_NAMES
+        .iter()
+        .map(pick)
+        .find(|(from, _)| *from == module)?;
+    Some(format!("{to_prefix}{layer}.{to}.{suffix}"))
+}
+
 /// The GGUF (llama.cpp) name of a transformers tensor name, if it has one.
 fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, inner) = rest.split_once('.')?;
-    let (module, suffix) = inner.rsplit_once('.')?;
-    let short = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{short}.{suffix}"))
+    rename(hf, true)
 }
 
 /// The transformers name of a GGUF tensor name, if it has one.
 fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, inner) = rest.split_once('.')?;
-    let (short, suffix) = inner.rsplit_once('.')?;
-    let module = match short {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+    rename(gguf, false)
 }
 
 /// Undoes llama.cpp's per-head row permutation of Q and K (made for its interleaved RoPE):
