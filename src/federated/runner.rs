@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::tensor::Device;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -491,7 +492,7 @@ impl FederatedRun {
             bytes_up,
             bytes_down,
             wall_seconds: started.elapsed().as_secs_f64(),
-            memory_bytes: self.memory_estimate(&current.submodel),
+            memory_bytes: self.memory_estimate(current),
             aggregated,
         })
     }
@@ -553,10 +554,12 @@ impl FederatedRun {
     /// Parameters, plus gradients and two AdamW moments of the trainable values, plus an
     /// activation estimate for one batch (12 hidden-sized values per token and layer, and the
     /// logits twice), in bytes of f32.
-    fn memory_estimate(&self, submodel: &CausalLm) -> u64 {
+    fn memory_estimate(&self, current: &StageRun) -> u64 {
+        let submodel = &current.submodel;
         let config = submodel.config();
-        let trainable = submodel.lora_params().num_values() as u64;
-        let parameters = submodel.base_params().num_values() as u64 + trainable;
+        // Counted from shapes: no tensor is read back to the host for this.
+        let trainable = current.global.num_values() as u64;
+        let parameters = submodel.num_params() as u64;
         let tokens = (self.config.local.batch_size
             * self
                 .clients
