@@ -3,12 +3,16 @@
 //! [`build_submodel`] fuses each group of a [`Grouping`] into one layer, keeping the
 //! embeddings, final norm and head; [`transfer_lora`] copies each fused layer's trained
 //! adapter back to every member of its group, so that the full model carries the stage's
-//! knowledge into the next grouping.
+//! knowledge into the next grouping. Aggregators that merge into the base weights (FLoRA)
+//! train the fused layers' projections themselves; [`transfer_merged_weights`] carries that
+//! change back.
+
+use burn::module::Param;
 
 use crate::error::{Error, Result};
 use crate::fusion::{LayerFuser, fuse_layers};
 use crate::grouping::Grouping;
-use crate::model::{CausalLm, DecoderLayer};
+use crate::model::{CausalLm, DecoderLayer, Projection};
 
 fn check_covers(grouping: &Grouping, model: &CausalLm) -> Result<()> {
     if grouping.num_layers() != model.num_layers() {
@@ -63,6 +67,19 @@ pub fn build_submodel(
 /// and the errors of [`DecoderLayer::load_lora_params`] when the adapters differ in shape.
 pub fn transfer_lora(model: &mut CausalLm, submodel: &CausalLm, grouping: &Grouping) -> Result<()> {
     check_covers(grouping, model)?;
+    check_submodel(grouping, submodel)?;
+    let mut layers = model.layers.clone();
+    for (group, fused) in grouping.groups().iter().zip(&submodel.layers) {
+        let adapter = fused.lora_params();
+        for &member in group {
+            layers[member].load_lora_params(&adapter)?;
+        }
+    }
+    model.layers = layers;
+    Ok(())
+}
+
+fn check_submodel(grouping: &Grouping, submodel: &CausalLm) -> Result<()> {
     if submodel.num_layers() != grouping.len() {
         return Err(Error::InvalidArgument(format!(
             "the submodel has {} layers, the grouping {} groups",
@@ -70,11 +87,49 @@ pub fn transfer_lora(model: &mut CausalLm, submodel: &CausalLm, grouping: &Group
             grouping.len()
         )));
     }
+    Ok(())
+}
+
+/// Adds what training merged into each fused layer's projection weights, `trained - fused`,
+/// to every member of its group: the knowledge transfer of merging aggregators
+/// ([`crate::aggregate::Aggregator::merges_into_base`]). `fused` is the submodel as
+/// [`build_submodel`] made it, `trained` the same submodel after the stage's merges.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] when the grouping does not match the three models, and
+/// [`Error::ShapeMismatch`] when their projections differ in shape. On error `model` is
+/// unchanged.
+pub fn transfer_merged_weights(
+    model: &mut CausalLm,
+    fused: &CausalLm,
+    trained: &CausalLm,
+    grouping: &Grouping,
+) -> Result<()> {
+    check_covers(grouping, model)?;
+    check_submodel(grouping, fused)?;
+    check_submodel(grouping, trained)?;
     let mut layers = model.layers.clone();
-    for (group, fused) in grouping.groups().iter().zip(&submodel.layers) {
-        let adapter = fused.lora_params();
-        for &member in group {
-            layers[member].load_lora_params(&adapter)?;
+    for (g, group) in grouping.groups().iter().enumerate() {
+        for p in Projection::ALL {
+            let before = fused.layers[g].projection(p);
+            let after = trained.layers[g].projection(p);
+            let expected = layers[group[0]].projection(p).dims();
+            for (which, dims) in [("fused", before.dims()), ("trained", after.dims())] {
+                if dims != expected {
+                    return Err(Error::ShapeMismatch {
+                        name: format!("{which} submodel layer {g} {}.weight", p.path()),
+                        expected: expected.to_vec(),
+                        found: dims.to_vec(),
+                    });
+                }
+            }
+            let delta = after.base.weight.val() - before.base.weight.val();
+            for &member in group {
+                let linear = layers[member].projection_mut(p);
+                let weight = linear.base.weight.val() + delta.clone();
+                linear.base.weight = Param::from_tensor(weight).set_require_grad(false);
+            }
         }
     }
     model.layers = layers;

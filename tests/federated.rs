@@ -1,21 +1,24 @@
 //! The federated loop on the tiny fixture model and the in-repo instruction data: DevFT and
 //! FedIT both learn, DevFT's first stage sends capacity/layers of FedIT's bytes, a killed run
-//! resumes bit for bit, and faulty clients are survived.
+//! resumes bit for bit, faulty clients are survived, and FLoRA's stacked aggregate is merged
+//! exactly.
 
 mod common;
 
 use common::*;
-use devft::aggregate::{FedAvg, FedProx};
+use devft::aggregate::{Aggregator, ClientUpdate, FedAvg, FedProx, Flora};
 use devft::data::{ByteEncoder, TokenizedExample, load_alpaca, partition_iid, tokenize_examples};
 use devft::federated::{
     Fault, FederatedConfig, FederatedRun, LocalTrainingConfig, RandomFailures, RoundMetrics,
     RunOutcome, Strategy, evaluate_loss,
 };
 use devft::fusion::DifferentialFuser;
-use devft::grouping::SpectralGrouper;
+use devft::grouping::{Grouping, SpectralGrouper};
 use devft::model::{CausalLm, LoraConfig};
 use devft::schedule::ExplicitScheduler;
 use devft::tokenizer::PromptTemplate;
+use devft::transfer::{build_submodel, transfer_merged_weights};
+use devft::{HostTensor, ParamMap};
 
 fn data() -> (Vec<Vec<TokenizedExample>>, Vec<TokenizedExample>) {
     let path = concat!(
@@ -81,6 +84,7 @@ fn timeless(metrics: &[RoundMetrics]) -> Vec<RoundMetrics> {
         .cloned()
         .map(|m| RoundMetrics {
             wall_seconds: 0.0,
+            eval_seconds: 0.0,
             ..m
         })
         .collect()
@@ -337,4 +341,230 @@ fn fedsa_lora_sends_only_a_keeps_b_per_client_and_resumes_exactly() {
         .unwrap();
     assert_eq!(resumed.model.lora_params(), straight.model.lora_params());
     assert_eq!(timeless(&resumed.metrics), timeless(&straight.metrics));
+}
+
+/// Every tensor of `params` refilled with deterministic values in `[-scale, scale)`.
+fn pseudo_random(params: &ParamMap, seed: u64, scale: f32) -> ParamMap {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    params
+        .iter()
+        .map(|(name, t)| {
+            let values = (0..t.len())
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+                })
+                .collect();
+            (
+                name.to_string(),
+                HostTensor::new(t.shape().to_vec(), values).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `[rows, cols]` row-major product of `x: [rows, inner]` and `y: [inner, cols]`, in f64.
+fn matmul(x: &HostTensor, y: &HostTensor) -> Vec<f64> {
+    let (rows, inner, cols) = (x.shape()[0], x.shape()[1], y.shape()[1]);
+    let mut out = vec![0.0; rows * cols];
+    for i in 0..rows {
+        for k in 0..inner {
+            let xv = f64::from(x.values()[i * inner + k]);
+            for j in 0..cols {
+                out[i * cols + j] += xv * f64::from(y.values()[k * cols + j]);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn flora_merges_the_example_weighted_sum_of_client_products() {
+    let base = model();
+    let scaling = base.lora_config().unwrap().scaling();
+    let global = base.lora_params();
+    let sizes = [1, 2, 5];
+    let updates: Vec<ClientUpdate> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| ClientUpdate {
+            client: k,
+            params: pseudo_random(&global, k as u64 + 1, 0.5),
+            num_examples: n,
+            metrics: Default::default(),
+        })
+        .collect();
+    let stacked = Flora.aggregate(&global, &updates).unwrap();
+    let mut merged = base.clone();
+    merged.merge_adapter(&stacked).unwrap();
+
+    // W + s * sum_k p_k B_k A_k, by hand, in PEFT layout (W: [out, in], A: [r, in], B: [out, r]).
+    let before = base.projection_weights();
+    let after = merged.projection_weights();
+    let total: f64 = sizes.iter().sum::<usize>() as f64;
+    let mut checked = 0;
+    for (name, weight) in before.iter() {
+        let stem = name.strip_suffix(".weight").unwrap();
+        let a_name = format!("{stem}.lora_A.weight");
+        let b_name = format!("{stem}.lora_B.weight");
+        let mut expected: Vec<f64> = weight.values().iter().map(|&w| f64::from(w)).collect();
+        for (update, &n) in updates.iter().zip(&sizes) {
+            let product = matmul(
+                update.params.get(&b_name).unwrap(),
+                update.params.get(&a_name).unwrap(),
+            );
+            for (e, p) in expected.iter_mut().zip(product) {
+                *e += scaling * n as f64 / total * p;
+            }
+        }
+        let diff = max_abs_diff(after.get(name).unwrap().values(), &expected);
+        assert!(diff < 1e-5, "{name}: {diff}");
+        checked += 1;
+    }
+    assert_eq!(checked, 7 * base.num_layers());
+}
+
+#[test]
+fn a_merged_adapter_gives_the_logits_of_the_adapter() {
+    let mut with_adapter = model();
+    let trained = pseudo_random(&with_adapter.lora_params(), 7, 0.3);
+    with_adapter.load_lora_params(&trained).unwrap();
+    let ids = id_tensor(&[1, 5, 9, 33, 2, 17], &device());
+    let expected = values(with_adapter.forward(ids.clone()));
+
+    let mut merged = with_adapter.clone();
+    merged.merge_adapter(&trained).unwrap();
+    let zero_b: ParamMap = trained
+        .iter()
+        .map(|(name, t)| {
+            let t = if name.contains(".lora_B.") {
+                HostTensor::zeros(t.shape().to_vec())
+            } else {
+                t.clone()
+            };
+            (name.to_string(), t)
+        })
+        .collect();
+    merged.load_lora_params(&zero_b).unwrap();
+    let found = values(merged.forward(ids));
+    let expected: Vec<f64> = expected.iter().map(|&v| f64::from(v)).collect();
+    let diff = max_abs_diff(&found, &expected);
+    assert!(diff < 1e-4, "max logit difference {diff}");
+    // The merge really changed the weights (the adapter is not negligible).
+    assert_ne!(
+        merged.projection_weights(),
+        with_adapter.projection_weights()
+    );
+}
+
+#[test]
+fn merged_weights_transfer_to_every_member_of_their_group() {
+    let base = model();
+    let grouping = Grouping::new(vec![vec![0, 3, 4], vec![1, 2], vec![5, 6, 7]], 8).unwrap();
+    let fused = build_submodel(&base, &grouping, &DifferentialFuser::default()).unwrap();
+    let mut trained = fused.clone();
+    // A rank-2 pair per projection of the submodel, merged.
+    let rank2 = fused
+        .clone()
+        .with_lora(&LoraConfig::new(2, 8.0), 3)
+        .unwrap()
+        .lora_params();
+    trained
+        .merge_adapter(&pseudo_random(&rank2, 5, 0.2))
+        .unwrap();
+    let mut full = base.clone();
+    transfer_merged_weights(&mut full, &fused, &trained, &grouping).unwrap();
+
+    let (before, after) = (base.projection_weights(), full.projection_weights());
+    let (fused_w, trained_w) = (fused.projection_weights(), trained.projection_weights());
+    for (g, group) in grouping.groups().iter().enumerate() {
+        for &member in group {
+            for (name, weight) in before.iter() {
+                let Some(inner) = name.strip_prefix(&format!("model.layers.{member}.")) else {
+                    continue;
+                };
+                let sub = format!("model.layers.{g}.{inner}");
+                let expected: Vec<f64> = weight
+                    .values()
+                    .iter()
+                    .zip(trained_w.get(&sub).unwrap().values())
+                    .zip(fused_w.get(&sub).unwrap().values())
+                    .map(|((&w, &t), &f)| f64::from(w) + f64::from(t) - f64::from(f))
+                    .collect();
+                let diff = max_abs_diff(after.get(name).unwrap().values(), &expected);
+                assert!(diff < 1e-6, "{name}: {diff}");
+                assert_ne!(after.get(name), before.get(name), "{name} changed");
+            }
+        }
+    }
+    assert_eq!(full.lora_params(), base.lora_params(), "adapters untouched");
+}
+
+#[test]
+fn flora_learns_in_the_devft_loop_sends_the_stack_down_and_resumes_bit_for_bit() {
+    let before = initial_eval_loss();
+    let per_layer_values = model().lora_params().num_values() / 8;
+    let (clients, eval) = data();
+    let fresh = || {
+        FederatedRun::new(
+            config(6),
+            devft_three_stages(),
+            Box::new(Flora),
+            clients.clone(),
+            eval.clone(),
+        )
+        .unwrap()
+    };
+    let straight = fresh().run(model(), &device().autodiff()).unwrap();
+    assert!(straight.completed);
+    for (i, m) in straight.metrics.iter().enumerate() {
+        let adapter = 4 * per_layer_values * m.capacity;
+        // A stage's first round sends the adapter; later rounds also the stack of the
+        // previous round's three clients.
+        let first_of_stage = i == 0 || straight.metrics[i - 1].stage != m.stage;
+        let per_client = if first_of_stage { adapter } else { 4 * adapter };
+        assert_eq!(
+            m.bytes_down.payload,
+            (3 * per_client) as u64,
+            "round {}",
+            m.round
+        );
+        assert_eq!(
+            m.bytes_up.payload,
+            (3 * adapter) as u64,
+            "round {}",
+            m.round
+        );
+    }
+    let after = straight.metrics.last().unwrap().eval_loss.unwrap();
+    assert!(after < before - 0.05, "eval loss {before} -> {after}");
+    assert_ne!(
+        straight.model.projection_weights(),
+        model().projection_weights(),
+        "FLoRA trains through the base weights"
+    );
+
+    for stop in [1, 2, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let first = fresh()
+            .with_checkpoints(dir.path())
+            .stop_after_round(stop)
+            .run(model(), &device().autodiff())
+            .unwrap();
+        assert!(!first.completed);
+        let resumed = fresh()
+            .with_checkpoints(dir.path())
+            .run(model(), &device().autodiff())
+            .unwrap();
+        assert_eq!(
+            resumed.model.projection_weights(),
+            straight.model.projection_weights(),
+            "stopped after {stop}"
+        );
+        assert_eq!(resumed.model.lora_params(), straight.model.lora_params());
+        assert_eq!(timeless(&resumed.metrics), timeless(&straight.metrics));
+        assert_eq!(resumed.ledger, straight.ledger);
+    }
 }

@@ -15,6 +15,7 @@ mod fedopt;
 mod fedprox;
 mod fedsa_lora;
 mod ffa_lora;
+mod flora;
 mod krum;
 mod trimmed_mean;
 
@@ -25,6 +26,7 @@ pub use fedopt::{FedAdagrad, FedAdam, FedOpt, FedOptVariant, FedYogi};
 pub use fedprox::FedProx;
 pub use fedsa_lora::FedSaLora;
 pub use ffa_lora::FfaLora;
+pub use flora::Flora;
 pub use krum::Krum;
 pub use trimmed_mean::TrimmedMean;
 
@@ -146,6 +148,18 @@ pub trait Aggregator {
 
     /// Forgets server state, e.g. when a new DevFT stage changes the adapter's shape.
     fn reset(&mut self) {}
+
+    /// Whether [`Aggregator::aggregate`] returns an adapter to merge into the base weights
+    /// rather than the next global adapter. Default: `false`.
+    ///
+    /// When `true` (FLoRA), the returned adapter may have any rank; the loop sends it to the
+    /// next round's clients, which merge `scaling * A B` into their base weights
+    /// ([`crate::model::CausalLm::merge_adapter`]), as does the server; every round then
+    /// starts from a fresh adapter, and stage transfer carries the merged weights
+    /// ([`crate::transfer::transfer_merged_weights`]).
+    fn merges_into_base(&self) -> bool {
+        false
+    }
 }
 
 /// Checks that there is at least one update and that every update has exactly the global's

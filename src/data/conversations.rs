@@ -57,6 +57,7 @@ pub fn load_sharegpt(path: impl AsRef<Path>, template: PromptTemplate) -> Result
             &turns,
             template,
             record.category.as_deref(),
+            None,
         ));
     }
     Ok(examples)
@@ -78,12 +79,17 @@ struct ChitchatMessage {
 /// Loads the chitchat data set: each conversation's first speaker becomes the user, the other
 /// the assistant; the messages of one turn are joined by newlines; the example label is the
 /// conversation's `prompt` topic (empty when it has none), for non-IID splits by topic.
+/// Prompts hold the last `history` turns before each answer (all earlier turns for `None`).
 /// Conversations are taken in key order, so the result is deterministic.
 ///
 /// # Errors
 ///
 /// [`Error::Io`] or [`Error::Json`].
-pub fn load_chitchat(path: impl AsRef<Path>, template: PromptTemplate) -> Result<Vec<Example>> {
+pub fn load_chitchat(
+    path: impl AsRef<Path>,
+    template: PromptTemplate,
+    history: Option<usize>,
+) -> Result<Vec<Example>> {
     let path = path.as_ref();
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let data: std::collections::BTreeMap<String, ChitchatConversation> =
@@ -114,7 +120,12 @@ pub fn load_chitchat(path: impl AsRef<Path>, template: PromptTemplate) -> Result
             })
             .collect();
         let label = conversation.prompt.unwrap_or_default();
-        examples.extend(conversation_examples(&turns, template, Some(&label)));
+        examples.extend(conversation_examples(
+            &turns,
+            template,
+            Some(&label),
+            history,
+        ));
     }
     Ok(examples)
 }
@@ -134,7 +145,7 @@ mod tests {
                                   [{"text": "Bye", "sender": "u2"}]], "prompt": "greetings"},
                        "a": {"messages": [], "prompt": null}}"#;
         std::fs::write(&path, json).unwrap();
-        let examples = load_chitchat(&path, PromptTemplate::ChatMl).unwrap();
+        let examples = load_chitchat(&path, PromptTemplate::ChatMl, None).unwrap();
         assert_eq!(examples.len(), 2);
         assert_eq!(
             examples[0].prompt,
@@ -148,6 +159,11 @@ mod tests {
                 .contains("<|im_start|>user\nGood<|im_end|>")
         );
         assert_eq!(examples[0].label.as_deref(), Some("greetings"));
+        let recent = load_chitchat(&path, PromptTemplate::ChatMl, Some(1)).unwrap();
+        assert_eq!(
+            recent[1].prompt,
+            "<|im_start|>user\nGood<|im_end|>\n<|im_start|>assistant\n"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -132,21 +132,45 @@ pub fn tokenize_examples(
     Ok(out)
 }
 
-/// A chat conversation as one example per assistant turn: the prompt is every earlier turn
-/// rendered with `template`, the response that turn.
+/// A chat conversation as one example per assistant turn: the prompt is the earlier turns
+/// rendered with `template` (all of them, or the last `history` when given), the response
+/// that turn.
+///
+/// ```
+/// use devft::data::conversation_examples;
+/// use devft::tokenizer::{ChatTurn, PromptTemplate, Role};
+///
+/// let turns = [
+///     ChatTurn::new(Role::User, "Hi"),
+///     ChatTurn::new(Role::Assistant, "Hello!"),
+///     ChatTurn::new(Role::User, "How are you?"),
+///     ChatTurn::new(Role::Assistant, "Fine."),
+/// ];
+/// let examples = conversation_examples(&turns, PromptTemplate::ChatMl, None, Some(1));
+/// assert_eq!(examples.len(), 2);
+/// assert_eq!(
+///     examples[1].prompt,
+///     "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n"
+/// );
+/// assert_eq!(examples[1].response, "Fine.<|im_end|>");
+/// ```
 pub fn conversation_examples(
     turns: &[ChatTurn],
     template: PromptTemplate,
     label: Option<&str>,
+    history: Option<usize>,
 ) -> Vec<Example> {
     turns
         .iter()
         .enumerate()
         .filter(|(i, t)| t.role == Role::Assistant && *i > 0)
-        .map(|(i, t)| Example {
-            prompt: template.render(&turns[..i], true),
-            response: format!("{}{}", t.content, template.end_of_turn()),
-            label: label.map(str::to_string),
+        .map(|(i, t)| {
+            let first = history.map_or(0, |h| i.saturating_sub(h.max(1)));
+            Example {
+                prompt: template.render(&turns[first..i], true),
+                response: format!("{}{}", t.content, template.end_of_turn()),
+                label: label.map(str::to_string),
+            }
         })
         .collect()
 }

@@ -50,6 +50,12 @@ pub(crate) struct Checkpoint {
     pub aggregator: ParamMap,
     /// Per-client state kept on the clients (FedSA-LoRA's `B`), named `client.{id}.{name}`.
     pub personal: ParamMap,
+    /// Merging aggregators (FLoRA): the full model's projection weights (empty otherwise).
+    pub model_weights: ParamMap,
+    /// Merging aggregators, mid-stage: the submodel's projection weights (empty otherwise).
+    pub submodel_weights: ParamMap,
+    /// Merging aggregators, mid-stage: the aggregate the next round merges.
+    pub pending_merge: ParamMap,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -71,14 +77,9 @@ impl Checkpoint {
         let json =
             serde_json::to_string_pretty(&self.state).map_err(|e| Error::json(&state_path, e))?;
         std::fs::write(&state_path, json).map_err(io(&state_path))?;
-        self.stage_start_lora
-            .save_safetensors(tmp.join("stage_start_lora.safetensors"))?;
-        self.global
-            .save_safetensors(tmp.join("global.safetensors"))?;
-        self.aggregator
-            .save_safetensors(tmp.join("aggregator.safetensors"))?;
-        self.personal
-            .save_safetensors(tmp.join("personal.safetensors"))?;
+        for (name, tensors) in self.tensor_files() {
+            tensors.save_safetensors(tmp.join(format!("{name}.safetensors")))?;
+        }
         if final_dir.exists() {
             std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
         }
@@ -107,14 +108,30 @@ impl Checkpoint {
         let state_path = round_dir.join("state.json");
         let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
         let state = serde_json::from_str(&text).map_err(|e| Error::json(&state_path, e))?;
+        let load =
+            |name: &str| ParamMap::load_safetensors(round_dir.join(format!("{name}.safetensors")));
         Ok(Some(Self {
             state,
-            stage_start_lora: ParamMap::load_safetensors(
-                round_dir.join("stage_start_lora.safetensors"),
-            )?,
-            global: ParamMap::load_safetensors(round_dir.join("global.safetensors"))?,
-            aggregator: ParamMap::load_safetensors(round_dir.join("aggregator.safetensors"))?,
-            personal: ParamMap::load_safetensors(round_dir.join("personal.safetensors"))?,
+            stage_start_lora: load("stage_start_lora")?,
+            global: load("global")?,
+            aggregator: load("aggregator")?,
+            personal: load("personal")?,
+            model_weights: load("model_weights")?,
+            submodel_weights: load("submodel_weights")?,
+            pending_merge: load("pending_merge")?,
         }))
+    }
+
+    /// Every tensor map with its file name (without `.safetensors`).
+    fn tensor_files(&self) -> [(&'static str, &ParamMap); 7] {
+        [
+            ("stage_start_lora", &self.stage_start_lora),
+            ("global", &self.global),
+            ("aggregator", &self.aggregator),
+            ("personal", &self.personal),
+            ("model_weights", &self.model_weights),
+            ("submodel_weights", &self.submodel_weights),
+            ("pending_merge", &self.pending_merge),
+        ]
     }
 }

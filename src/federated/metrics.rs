@@ -25,8 +25,13 @@ pub struct RoundMetrics {
     pub bytes_up: WireSize,
     /// Server-to-client bytes this round.
     pub bytes_down: WireSize,
-    /// Wall-clock seconds of the round (training, aggregation, evaluation).
+    /// Wall-clock seconds of the round (training, aggregation, evaluation; in a stage's first
+    /// round also the stage's set-up: grouping and fusion).
     pub wall_seconds: f64,
+    /// Of `wall_seconds`, the seconds spent evaluating on the held-out set; the rest is the
+    /// round's federated work (clients' local training, coding, aggregation).
+    #[serde(default)]
+    pub eval_seconds: f64,
     /// Estimated training memory of one client in bytes: trainable values with their
     /// gradients and two AdamW moments, plus the submodel's parameters.
     pub memory_bytes: u64,

