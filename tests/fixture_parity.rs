@@ -4,7 +4,8 @@ mod common;
 
 use burn::tensor::Tensor;
 use common::*;
-use devft::model::{CausalLm, import_adapter, next_token_loss};
+use devft::data::{Batch, TokenizedExample};
+use devft::model::{CausalLm, import_adapter, next_token_loss, target_token_loss};
 
 fn check_logits(model: &CausalLm, fixture: &serde_json::Value) {
     let device = model.device();
@@ -141,4 +142,59 @@ fn naive_reference_forward_agrees_with_transformers() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
     assert!(diff < 1e-4, "reference differs by {diff}");
+}
+
+#[test]
+fn target_token_loss_matches_transformers_logits_with_prompts_and_padding() {
+    let model = CausalLm::load(tiny_llama_dir(), &device()).unwrap();
+    let fixture = fixture_json("logits.json");
+    let sequences = fixture["sequences"].as_array().unwrap();
+    let example = |i: usize, targets: &[bool]| TokenizedExample {
+        ids: ids(&sequences[i]["input_ids"])[..targets.len()].to_vec(),
+        targets: targets.to_vec(),
+        label: None,
+    };
+    // Sequence 0 whole, as a prompt of 3 and an answer of 4; sequence 1 cut to 9 tokens with
+    // a gap in its targets; the batch is padded to 9.
+    let (t, f) = (true, false);
+    let examples = [
+        example(0, &[f, f, f, t, t, t, t]),
+        example(1, &[f, f, t, t, f, t, t, f, t]),
+    ];
+    // Expected, from transformers' logits (causal: a cut sequence keeps its earlier logits).
+    let mut total = 0.0;
+    let mut count = 0;
+    for (i, e) in examples.iter().enumerate() {
+        let rows = sequences[i]["logits"].as_array().unwrap();
+        for pos in 1..e.ids.len() {
+            if !e.targets[pos] {
+                continue;
+            }
+            let row = flat_f64(&rows[pos - 1]);
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let logsumexp = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+            total += logsumexp - row[e.ids[pos] as usize];
+            count += 1;
+        }
+    }
+    let expected = total / count as f64;
+    let refs: Vec<&TokenizedExample> = examples.iter().collect();
+    let batch = Batch::new(&refs, 0, &device());
+    assert_eq!(batch.num_targets, count);
+    let loss = f64::from(values(target_token_loss(&model, &batch).unwrap())[0]);
+    assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
+    let weighted = next_token_loss(
+        model.forward(batch.ids.clone()),
+        batch.ids.clone(),
+        Some(batch.weights.clone()),
+    );
+    let weighted = f64::from(values(weighted)[0]);
+    assert!(
+        (weighted - expected).abs() < 1e-5,
+        "{weighted} vs {expected}"
+    );
+
+    let prompt_only = example(0, &[f, f, f]);
+    let batch = Batch::new(&[&prompt_only], 0, &device());
+    assert!(target_token_loss(&model, &batch).is_err());
 }

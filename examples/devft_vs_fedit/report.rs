@@ -61,6 +61,15 @@ impl MethodResult {
         self.progress().into_iter().find(|p| p.eval_loss <= target)
     }
 
+    /// The held-out loss of the last round finished within `seconds` of federated work.
+    fn loss_within(&self, seconds: f64) -> f64 {
+        self.progress()
+            .into_iter()
+            .take_while(|p| p.seconds <= seconds)
+            .last()
+            .map_or(self.initial_loss, |p| p.eval_loss)
+    }
+
     fn last(&self) -> Progress {
         *self.progress().last().expect("round 0 is always there")
     }
@@ -156,6 +165,24 @@ pub fn summary(
                 reach_f.round
             );
         }
+    }
+    out += &format!(
+        "| held-out loss after DevFT's total time ({:.0} s) | {:.4} | {:.4} | |\n",
+        d.seconds,
+        d.eval_loss,
+        fedit.loss_within(d.seconds)
+    );
+    let own = devft
+        .reaching(d.eval_loss)
+        .expect("DevFT reaches its own final loss");
+    if let Some(other) = fedit.reaching(d.eval_loss) {
+        out += &format!(
+            "| time to DevFT's final loss ({:.4}) | {:.0} s | {:.0} s | {} |\n",
+            d.eval_loss,
+            own.seconds,
+            other.seconds,
+            ratio(other.seconds, own.seconds)
+        );
     }
     out += "\n### Per stage\n\n";
     out += "| method | stage | layers | rounds | time / round | evaluation / round | \

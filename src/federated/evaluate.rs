@@ -2,7 +2,7 @@
 
 use crate::data::{Batch, TokenizedExample};
 use crate::error::{Error, Result};
-use crate::model::{CausalLm, next_token_loss};
+use crate::model::{CausalLm, target_token_loss};
 
 /// Mean next-token loss over every target token of `examples` (batches weighted by their
 /// number of targets), computed on `model`'s own device.
@@ -30,12 +30,7 @@ pub fn evaluate_loss(
         if batch.num_targets == 0 {
             continue;
         }
-        let loss = next_token_loss(
-            model.forward(batch.ids.clone()),
-            batch.ids,
-            Some(batch.weights),
-        );
-        let loss = loss
+        let loss = target_token_loss(model, &batch)?
             .into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()

@@ -13,7 +13,7 @@ use rand::seq::SliceRandom;
 use crate::aggregate::ClientInstructions;
 use crate::data::{Batch, TokenizedExample};
 use crate::error::Error;
-use crate::model::{CausalLm, Projection, next_token_loss};
+use crate::model::{CausalLm, Projection, target_token_loss};
 use crate::params::ParamMap;
 
 /// Hyper-parameters of a client's local training.
@@ -56,8 +56,9 @@ pub struct LocalOutcome {
 ///
 /// # Errors
 ///
-/// [`Error::InvalidArgument`] when the client has no example, the model has no adapter, or
-/// the batch size or step count is zero; [`Error::NonFinite`] when the loss diverges.
+/// [`Error::InvalidArgument`] when the client has no example, the model has no adapter, the
+/// batch size or step count is zero, or a batch has no target token; [`Error::NonFinite`]
+/// when the loss diverges.
 pub fn train_local(
     model: &CausalLm,
     examples: &[TokenizedExample],
@@ -112,8 +113,7 @@ pub fn train_local(
         }
         examples_seen += picked.len();
         let batch = Batch::new(&picked, config.pad_id, train_device);
-        let logits = model.forward(batch.ids.clone());
-        let mut loss = next_token_loss(logits, batch.ids, Some(batch.weights));
+        let mut loss = target_token_loss(&model, &batch)?;
         let task_loss = f64::from(
             loss.clone()
                 .into_data()

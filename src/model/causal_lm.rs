@@ -478,7 +478,29 @@ impl CausalLm {
     /// - input_ids: `[batch, seq]`
     /// - output: `[batch, seq, vocab]`
     pub fn forward(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
-        self.forward_inner(input_ids, None)
+        self.logits_from_hidden(self.hidden_inner(input_ids, None))
+    }
+
+    /// The final-norm hidden states for every position: [`CausalLm::forward`] without the
+    /// head, so that a caller can apply the head to the positions it needs
+    /// ([`CausalLm::logits_from_hidden`]).
+    ///
+    /// # Shapes
+    ///
+    /// - input_ids: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn hidden_states(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
+        self.hidden_inner(input_ids, None)
+    }
+
+    /// Applies the head to final-norm hidden states.
+    ///
+    /// # Shapes
+    ///
+    /// - hidden: `[..., hidden]`
+    /// - output: `[..., vocab]`
+    pub fn logits_from_hidden<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
+        linear(hidden, self.lm_head.val(), None)
     }
 
     /// Logits for the new positions, attending over the cached ones; the cache is extended.
@@ -488,10 +510,10 @@ impl CausalLm {
     /// - input_ids: `[batch, new]`
     /// - output: `[batch, new, vocab]`
     pub fn forward_cached(&self, input_ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
-        self.forward_inner(input_ids, Some(cache))
+        self.logits_from_hidden(self.hidden_inner(input_ids, Some(cache)))
     }
 
-    fn forward_inner(
+    fn hidden_inner(
         &self,
         input_ids: Tensor<2, Int>,
         mut cache: Option<&mut KvCache>,
@@ -513,7 +535,7 @@ impl CausalLm {
         if let Some(cache) = cache {
             cache.len += seq;
         }
-        linear(self.norm.forward(x), self.lm_head.val(), None)
+        self.norm.forward(x)
     }
 
     /// `true` where query `past + i` may not see key `j`: the future, and keys beyond the

@@ -25,7 +25,7 @@ pub use checkpoint::Checkpoint;
 pub use config::{DecoderConfig, HfConfig, RopeParameters, RopeScaling, TokenIds};
 pub use decoder::{DecoderLayer, TensorSpec, layer_tensor_specs, projection_dims};
 pub use lora::{LoraConfig, LoraLinear, LowRankAdapter, Projection};
-pub use loss::next_token_loss;
+pub use loss::{next_token_loss, target_token_loss};
 pub use mlp::SwiGluMlp;
 pub use peft::{PeftAdapterConfig, export_adapter, import_adapter};
 pub use rope::{RotaryEmbedding, apply_rotary};
