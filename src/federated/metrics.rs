@@ -32,8 +32,9 @@ pub struct RoundMetrics {
     /// round's federated work (clients' local training, coding, aggregation).
     #[serde(default)]
     pub eval_seconds: f64,
-    /// Estimated training memory of one client in bytes: trainable values with their
-    /// gradients and two AdamW moments, plus the submodel's parameters.
+    /// Estimated training memory of one client in bytes: the submodel's parameters, the
+    /// trainable values with their gradients and two AdamW moments, and the activations of
+    /// one batch.
     pub memory_bytes: u64,
     /// Whether the global adapter changed (false when too few clients succeeded).
     pub aggregated: bool,

@@ -624,24 +624,21 @@ impl FederatedRun {
 
     /// Parameters, plus gradients and two AdamW moments of the trainable values, plus an
     /// activation estimate for one batch (12 hidden-sized values per token and layer, and the
-    /// logits twice), in bytes of f32.
+    /// logits of the target positions twice), in bytes of f32.
     fn memory_estimate(&self, current: &StageRun) -> u64 {
         let submodel = &current.submodel;
         let config = submodel.config();
         // Counted from shapes: no tensor is read back to the host for this.
         let trainable = current.global.num_values() as u64;
         let parameters = submodel.num_params() as u64;
-        let tokens = (self.config.local.batch_size
-            * self
-                .clients
-                .iter()
-                .flatten()
-                .map(|e| e.ids.len())
-                .max()
-                .unwrap_or(0)) as u64;
-        let activations = tokens
-            * (12 * config.hidden_size as u64 * config.num_layers as u64
-                + 2 * config.vocab_size as u64);
+        let longest = |count: fn(&TokenizedExample) -> usize| {
+            let most = self.clients.iter().flatten().map(count).max().unwrap_or(0);
+            (self.config.local.batch_size * most) as u64
+        };
+        let tokens = longest(|e| e.ids.len());
+        let targets = longest(|e| e.targets.iter().filter(|&&t| t).count());
+        let activations = tokens * 12 * config.hidden_size as u64 * config.num_layers as u64
+            + targets * 2 * config.vocab_size as u64;
         4 * (parameters + 3 * trainable + activations)
     }
 
