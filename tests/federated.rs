@@ -295,6 +295,25 @@ fn invalid_run_settings_are_rejected() {
     ));
 }
 
+/// Runs `fresh()` with checkpoints until it stops after round `stop`, then resumes it in a
+/// new run to the end.
+fn stop_and_resume(fresh: impl Fn() -> FederatedRun, stop: usize) -> RunOutcome {
+    let dir = tempfile::tempdir().unwrap();
+    let first = fresh()
+        .with_checkpoints(dir.path())
+        .stop_after_round(stop)
+        .run(model(), &device().autodiff())
+        .unwrap();
+    assert!(!first.completed);
+    assert_eq!(first.metrics.len(), stop);
+    let resumed = fresh()
+        .with_checkpoints(dir.path())
+        .run(model(), &device().autodiff())
+        .unwrap();
+    assert!(resumed.completed);
+    resumed
+}
+
 #[test]
 fn fedsa_lora_sends_only_a_keeps_b_per_client_and_resumes_exactly() {
     use devft::aggregate::{FedSaLora, is_lora_a};
@@ -328,17 +347,7 @@ fn fedsa_lora_sends_only_a_keeps_b_per_client_and_resumes_exactly() {
     let after = straight.metrics.last().unwrap().eval_loss.unwrap();
     assert!(after < before - 0.05, "eval loss {before} -> {after}");
 
-    let dir = tempfile::tempdir().unwrap();
-    let first = fresh()
-        .with_checkpoints(dir.path())
-        .stop_after_round(2)
-        .run(model(), &device().autodiff())
-        .unwrap();
-    assert!(!first.completed);
-    let resumed = fresh()
-        .with_checkpoints(dir.path())
-        .run(model(), &device().autodiff())
-        .unwrap();
+    let resumed = stop_and_resume(fresh, 2);
     assert_eq!(resumed.model.lora_params(), straight.model.lora_params());
     assert_eq!(timeless(&resumed.metrics), timeless(&straight.metrics));
 }
@@ -547,17 +556,7 @@ fn flora_learns_in_the_devft_loop_sends_the_stack_down_and_resumes_bit_for_bit()
     );
 
     for stop in [1, 2, 3] {
-        let dir = tempfile::tempdir().unwrap();
-        let first = fresh()
-            .with_checkpoints(dir.path())
-            .stop_after_round(stop)
-            .run(model(), &device().autodiff())
-            .unwrap();
-        assert!(!first.completed);
-        let resumed = fresh()
-            .with_checkpoints(dir.path())
-            .run(model(), &device().autodiff())
-            .unwrap();
+        let resumed = stop_and_resume(fresh, stop);
         assert_eq!(
             resumed.model.projection_weights(),
             straight.model.projection_weights(),

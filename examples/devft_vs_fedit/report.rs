@@ -56,7 +56,8 @@ impl MethodResult {
         out
     }
 
-    /// The first point at or below `target` loss.
+    /// The first point at or below `target` loss (none when the loss never gets there, or is
+    /// not a number).
     fn reaching(&self, target: f64) -> Option<Progress> {
         self.progress().into_iter().find(|p| p.eval_loss <= target)
     }
@@ -87,6 +88,30 @@ fn ratio(fedit: f64, devft: f64) -> String {
     }
 }
 
+/// Time, uplink and downlink of DevFT at `d` and FedIT at `f`, with the FedIT / DevFT ratios,
+/// as table rows labelled with `what` appended.
+fn cost_rows(what: &str, d: &Progress, f: &Progress) -> String {
+    let seconds = |p: &Progress| format!("{:.0} s", p.seconds);
+    [
+        ("time", seconds(d), seconds(f), ratio(f.seconds, d.seconds)),
+        (
+            "uplink",
+            mb(d.uplink),
+            mb(f.uplink),
+            ratio(f.uplink as f64, d.uplink as f64),
+        ),
+        (
+            "downlink",
+            mb(d.downlink),
+            mb(f.downlink),
+            ratio(f.downlink as f64, d.downlink as f64),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, d, f, r)| format!("| {name}{what} | {d} | {f} | {r} |\n"))
+    .collect()
+}
+
 /// The Markdown report: overall table, per-stage table and the settings.
 pub fn summary(
     devft: &MethodResult,
@@ -109,62 +134,20 @@ pub fn summary(
         "| final held-out loss | {:.4} | {:.4} | |\n",
         d.eval_loss, f.eval_loss
     );
-    out += &format!(
-        "| time, total | {:.0} s | {:.0} s | {} |\n",
-        d.seconds,
-        f.seconds,
-        ratio(f.seconds, d.seconds)
-    );
-    out += &format!(
-        "| uplink, total | {} | {} | {} |\n",
-        mb(d.uplink),
-        mb(f.uplink),
-        ratio(f.uplink as f64, d.uplink as f64)
-    );
-    out += &format!(
-        "| downlink, total | {} | {} | {} |\n",
-        mb(d.downlink),
-        mb(f.downlink),
-        ratio(f.downlink as f64, d.downlink as f64)
-    );
+    out += &cost_rows(", total", &d, &f);
     out += &format!(
         "| wall time with evaluation | {:.0} s | {:.0} s | |\n",
         devft.wall_seconds, fedit.wall_seconds
     );
-    let reach_f = fedit
-        .reaching(target)
-        .expect("FedIT reaches its own final loss");
-    match devft.reaching(target) {
-        Some(reach_d) => {
-            out += &format!(
-                "| rounds to FedIT's final loss ({target:.4}) | {} | {} | |\n",
-                reach_d.round, reach_f.round
-            );
-            out += &format!(
-                "| time to FedIT's final loss | {:.0} s | {:.0} s | {} |\n",
-                reach_d.seconds,
-                reach_f.seconds,
-                ratio(reach_f.seconds, reach_d.seconds)
-            );
-            out += &format!(
-                "| uplink to FedIT's final loss | {} | {} | {} |\n",
-                mb(reach_d.uplink),
-                mb(reach_f.uplink),
-                ratio(reach_f.uplink as f64, reach_d.uplink as f64)
-            );
-            out += &format!(
-                "| downlink to FedIT's final loss | {} | {} | {} |\n",
-                mb(reach_d.downlink),
-                mb(reach_f.downlink),
-                ratio(reach_f.downlink as f64, reach_d.downlink as f64)
-            );
-        }
-        None => {
-            out += &format!(
-                "| rounds to FedIT's final loss ({target:.4}) | not reached | {} | |\n",
-                reach_f.round
-            );
-        }
+    let round = |p: Option<Progress>| p.map_or("not reached".to_string(), |p| p.round.to_string());
+    let (reach_d, reach_f) = (devft.reaching(target), fedit.reaching(target));
+    out += &format!(
+        "| rounds to FedIT's final loss ({target:.4}) | {} | {} | |\n",
+        round(reach_d),
+        round(reach_f)
+    );
+    if let (Some(reach_d), Some(reach_f)) = (reach_d, reach_f) {
+        out += &cost_rows(" to FedIT's final loss", &reach_d, &reach_f);
     }
     out += &format!(
         "| held-out loss after DevFT's total time ({:.0} s) | {:.4} | {:.4} | |\n",
@@ -172,16 +155,11 @@ pub fn summary(
         d.eval_loss,
         fedit.loss_within(d.seconds)
     );
-    let own = devft
-        .reaching(d.eval_loss)
-        .expect("DevFT reaches its own final loss");
-    if let Some(other) = fedit.reaching(d.eval_loss) {
-        out += &format!(
-            "| time to DevFT's final loss ({:.4}) | {:.0} s | {:.0} s | {} |\n",
-            d.eval_loss,
-            own.seconds,
-            other.seconds,
-            ratio(other.seconds, own.seconds)
+    if let (Some(own), Some(other)) = (devft.reaching(d.eval_loss), fedit.reaching(d.eval_loss)) {
+        out += &cost_rows(
+            &format!(" to DevFT's final loss ({:.4})", d.eval_loss),
+            &own,
+            &other,
         );
     }
     out += "\n### Per stage\n\n";

@@ -329,8 +329,12 @@ impl FederatedRun {
                     let mid_stage =
                         |map: ParamMap| if stage_finished { ParamMap::new() } else { map };
                     let merges = self.aggregator.merges_into_base();
-                    let merged = |weights: &dyn Fn() -> ParamMap| {
-                        if merges { weights() } else { ParamMap::new() }
+                    let weights = |keep: bool, model: &CausalLm| {
+                        if keep {
+                            model.projection_weights()
+                        } else {
+                            ParamMap::new()
+                        }
                     };
                     Checkpoint {
                         state: state.clone(),
@@ -338,10 +342,8 @@ impl FederatedRun {
                         global,
                         aggregator: self.aggregator.state(),
                         personal: mid_stage(join_personal(&current.personal)),
-                        model_weights: merged(&|| model.projection_weights()),
-                        submodel_weights: mid_stage(merged(&|| {
-                            current.submodel.projection_weights()
-                        })),
+                        model_weights: weights(merges, &model),
+                        submodel_weights: weights(merges && !stage_finished, &current.submodel),
                         pending_merge: mid_stage(current.pending_merge.clone()),
                     }
                     .save(dir)?;
