@@ -341,26 +341,14 @@ impl CausalLm {
             let head = HostTensor::from_tensor(self.lm_head.val());
             params.insert("lm_head.weight", head.transposed().expect("2-D"));
         }
-        for (i, layer) in self.layers.iter().enumerate() {
-            let prefix = layer_prefix(i);
-            for (name, tensor) in layer.base_params() {
-                params.insert(format!("{prefix}{name}"), tensor);
-            }
-        }
+        params.extend(self.gather_layers(DecoderLayer::base_params));
         params
     }
 
     /// Every LoRA tensor, in PEFT's layout, named `model.layers.{i}.{path}.lora_A.weight` etc.
     /// (PEFT's saved keys without the `base_model.model.` prefix).
     pub fn lora_params(&self) -> ParamMap {
-        let mut params = ParamMap::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let prefix = layer_prefix(i);
-            for (name, tensor) in layer.lora_params() {
-                params.insert(format!("{prefix}{name}"), tensor);
-            }
-        }
-        params
+        self.gather_layers(DecoderLayer::lora_params)
     }
 
     /// Overwrites every adapter from a map named as [`CausalLm::lora_params`] names it.
@@ -404,10 +392,16 @@ impl CausalLm {
     /// Every layer's projection weights ([`DecoderLayer::projection_weights`]), named
     /// `model.layers.{i}.{path}.weight`.
     pub fn projection_weights(&self) -> ParamMap {
+        self.gather_layers(DecoderLayer::projection_weights)
+    }
+
+    /// `tensors` of every layer in one map, each name prefixed `model.layers.{i}.`: the
+    /// inverse of [`CausalLm::update_layers`]' split.
+    fn gather_layers(&self, tensors: impl Fn(&DecoderLayer) -> ParamMap) -> ParamMap {
         let mut params = ParamMap::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let prefix = layer_prefix(i);
-            for (name, tensor) in layer.projection_weights() {
+            for (name, tensor) in tensors(layer) {
                 params.insert(format!("{prefix}{name}"), tensor);
             }
         }

@@ -95,6 +95,18 @@ pub(crate) fn check_exact(params: &ParamMap, specs: &[TensorSpec], prefix: &str)
     Ok(())
 }
 
+/// [`check_exact`] without prefix, then [`Error::NonFinite`] for the first tensor holding NaN
+/// or an infinity.
+fn check_exact_finite(params: &ParamMap, specs: &[TensorSpec]) -> Result<()> {
+    check_exact(params, specs, "")?;
+    match params.iter().find(|(_, t)| !t.is_finite()) {
+        Some((name, _)) => Err(Error::NonFinite {
+            name: name.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn frozen_norm(weight: &HostTensor, eps: f64, device: &Device) -> Result<RmsNorm> {
     Ok(RmsNorm {
         gamma: Param::from_tensor(weight.to_tensor(device)?).set_require_grad(false),
@@ -316,22 +328,14 @@ impl DecoderLayer {
         Ok(())
     }
 
-    /// Overwrites the adapters' tensors from a map in PEFT's naming and layout, keeping their
-    /// scaling and dropout.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::MissingTensor`], [`Error::UnexpectedTensor`] or [`Error::ShapeMismatch`] unless
-    /// `params` holds exactly this layer's LoRA tensors with their shapes;
-    /// [`Error::NonFinite`] for NaN or infinite values. The layer is unchanged on error.
-    pub fn load_lora_params(&mut self, params: &ParamMap) -> Result<()> {
-        let specs: Vec<TensorSpec> = self
-            .lora_targets()
+    /// The names and PEFT-layout shapes (`lora_A: [r, in]`, `lora_B: [out, r]`) of the
+    /// targets' LoRA pairs, with the rank of each given by `rank`.
+    fn lora_specs(&self, rank: impl Fn(Projection) -> usize) -> Vec<TensorSpec> {
+        self.lora_targets()
             .into_iter()
             .flat_map(|p| {
-                let linear = self.projection(p);
-                let [d_in, d_out] = linear.dims();
-                let r = linear.adapter.as_ref().map_or(0, LowRankAdapter::rank);
+                let [d_in, d_out] = self.projection(p).dims();
+                let r = rank(p);
                 [
                     TensorSpec {
                         name: format!("{}.lora_A.weight", p.path()),
@@ -343,13 +347,23 @@ impl DecoderLayer {
                     },
                 ]
             })
-            .collect();
-        check_exact(params, &specs, "")?;
-        if let Some((name, _)) = params.iter().find(|(_, t)| !t.is_finite()) {
-            return Err(Error::NonFinite {
-                name: name.to_string(),
-            });
-        }
+            .collect()
+    }
+
+    /// Overwrites the adapters' tensors from a map in PEFT's naming and layout, keeping their
+    /// scaling and dropout.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingTensor`], [`Error::UnexpectedTensor`] or [`Error::ShapeMismatch`] unless
+    /// `params` holds exactly this layer's LoRA tensors with their shapes;
+    /// [`Error::NonFinite`] for NaN or infinite values. The layer is unchanged on error.
+    pub fn load_lora_params(&mut self, params: &ParamMap) -> Result<()> {
+        let specs = self.lora_specs(|p| {
+            let adapter = self.projection(p).adapter.as_ref();
+            adapter.map_or(0, LowRankAdapter::rank)
+        });
+        check_exact_finite(params, &specs)?;
         for p in self.lora_targets() {
             let a = params
                 .require(&format!("{}.lora_A.weight", p.path()))?
@@ -381,43 +395,20 @@ impl DecoderLayer {
     /// for `A` and `B` of different ranks) or [`Error::NonFinite`]. The layer is unchanged on
     /// error.
     pub fn merge_adapter(&mut self, params: &ParamMap) -> Result<()> {
+        // The rank is whatever `A` has (at least 1); `B` must agree with it.
+        let specs = self.lora_specs(|p| {
+            let a = params.get(&format!("{}.lora_A.weight", p.path()));
+            a.and_then(|a| a.shape().first().copied())
+                .unwrap_or(0)
+                .max(1)
+        });
+        check_exact_finite(params, &specs)?;
         let targets = self.lora_targets();
-        let names = |p: Projection| {
-            [
-                format!("{}.lora_A.weight", p.path()),
-                format!("{}.lora_B.weight", p.path()),
-            ]
-        };
-        if let Some(name) = params
-            .names()
-            .find(|n| !targets.iter().any(|&p| names(p).iter().any(|m| m == n)))
-        {
-            return Err(Error::UnexpectedTensor {
-                name: name.to_string(),
-            });
-        }
         let mut merged = Vec::with_capacity(targets.len());
         for p in targets {
-            let [a_name, b_name] = names(p);
-            let (a, b) = (params.require(&a_name)?, params.require(&b_name)?);
+            let a = params.require(&format!("{}.lora_A.weight", p.path()))?;
+            let b = params.require(&format!("{}.lora_B.weight", p.path()))?;
             let linear = self.projection(p);
-            let [d_in, d_out] = linear.dims();
-            let rank = a.shape().first().copied().unwrap_or(0).max(1);
-            for (name, tensor, expected) in [
-                (&a_name, a, vec![rank, d_in]),
-                (&b_name, b, vec![d_out, rank]),
-            ] {
-                if tensor.shape() != expected.as_slice() {
-                    return Err(Error::ShapeMismatch {
-                        name: name.clone(),
-                        expected,
-                        found: tensor.shape().to_vec(),
-                    });
-                }
-                if !tensor.is_finite() {
-                    return Err(Error::NonFinite { name: name.clone() });
-                }
-            }
             let adapter = linear.adapter.as_ref().expect("targets carry adapters");
             let weight = linear.base.weight.val();
             let device = weight.device();
@@ -466,12 +457,7 @@ impl DecoderLayer {
                 }
             })
             .collect();
-        check_exact(params, &specs, "")?;
-        if let Some((name, _)) = params.iter().find(|(_, t)| !t.is_finite()) {
-            return Err(Error::NonFinite {
-                name: name.to_string(),
-            });
-        }
+        check_exact_finite(params, &specs)?;
         let device = self.input_layernorm.gamma.val().device();
         let mut weights = Vec::with_capacity(specs.len());
         for p in Projection::ALL {
