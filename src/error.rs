@@ -94,6 +94,22 @@ pub enum Error {
     /// The tokenizer could not be loaded or failed to encode or decode.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    /// A run checkpoint is inconsistent with itself or with the run resuming it.
+    #[error("checkpoint `{path}`: {reason}")]
+    InvalidCheckpoint {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A client's update was refused by the server (its values or norm are out of bounds).
+    #[error("update of client {client} rejected: {reason}")]
+    RejectedUpdate {
+        /// The client.
+        client: usize,
+        /// Why.
+        reason: String,
+    },
     /// A caller passed an argument outside its documented domain.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -128,6 +144,15 @@ impl Error {
                 found,
             },
             Error::NonFinite { name } => Error::NonFinite { name: named(name) },
+            other => other,
+        }
+    }
+
+    /// The same error with `file` named in the message of an [`Error::InvalidConfig`] (for
+    /// errors found by code that does not know which file the values came from).
+    pub(crate) fn in_file(self, file: &str) -> Self {
+        match self {
+            Error::InvalidConfig(msg) => Error::InvalidConfig(format!("`{file}`: {msg}")),
             other => other,
         }
     }

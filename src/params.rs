@@ -414,6 +414,15 @@ impl SafetensorsHeader {
     }
 }
 
+/// Parses an index written canonically inside a tensor name: ASCII digits without sign or
+/// leading zero (`0`, `7`, `12`), so that `00`, `+1` or `١` never alias a real index.
+pub(crate) fn parse_index(text: &str) -> Option<usize> {
+    let canonical = !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'));
+    if canonical { text.parse().ok() } else { None }
+}
+
 /// Anything that hands out named tensors on demand: a [`ParamMap`], a checkpoint on disk.
 pub trait TensorSource {
     /// Every tensor name the source holds, sorted.

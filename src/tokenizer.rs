@@ -74,13 +74,9 @@ impl Tokenizer {
         let strings = |key: &str| -> Result<Vec<String>> {
             match file.metadata.get(key) {
                 Some(GgufValue::Array(items)) => items
-                    .iter()
-                    .map(|v| {
-                        v.as_str()
-                            .map(str::to_string)
-                            .ok_or_else(|| bad(&format!("{key} holds a non-string")))
-                    })
-                    .collect(),
+                    .strings()
+                    .map(<[String]>::to_vec)
+                    .ok_or_else(|| bad(&format!("{key} is not an array of strings"))),
                 _ => Err(bad(&format!("{key} is missing"))),
             }
         };

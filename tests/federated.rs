@@ -567,3 +567,192 @@ fn flora_learns_in_the_devft_loop_sends_the_stack_down_and_resumes_bit_for_bit()
         assert_eq!(resumed.ledger, straight.ledger);
     }
 }
+
+#[test]
+fn absurd_finite_updates_are_rejected_and_do_not_poison_the_adapter() {
+    let faults =
+        |round: usize, client: usize| (round == 1 && client == 0).then_some(Fault::HugeUpdate);
+    let outcome = run(
+        Strategy::fedit(),
+        config(2).with_clients_per_round(6),
+        |r| r.with_faults(faults),
+    );
+    let first = &outcome.metrics[0];
+    assert!(first.aggregated);
+    let reasons: Vec<&String> = first.clients_failed.iter().map(|(_, r)| r).collect();
+    assert!(
+        matches!(reasons.as_slice(), [r] if r.contains("client 0") && r.contains("norm")),
+        "{reasons:?}"
+    );
+    assert!(
+        outcome
+            .model
+            .lora_params()
+            .iter()
+            .all(|(_, t)| t.is_finite())
+    );
+    assert!(
+        outcome
+            .metrics
+            .iter()
+            .all(|m| m.eval_loss.unwrap().is_finite())
+    );
+    // The bound is configurable: turned off, the same update passes and poisons the adapter.
+    let unbounded = run(
+        Strategy::fedit(),
+        config(1)
+            .with_clients_per_round(6)
+            .with_max_update_norm_factor(f64::INFINITY),
+        |r| r.with_faults(faults),
+    );
+    assert!(unbounded.metrics[0].clients_failed.is_empty());
+    let largest = unbounded
+        .model
+        .lora_params()
+        .iter()
+        .flat_map(|(_, t)| t.values().to_vec())
+        .fold(0f32, |m, v| m.max(v.abs()));
+    assert!(largest > 1e37, "{largest}");
+}
+
+/// A DevFT run (capacities 2 then 8, 2 rounds each) stopped mid-stage after round 1, with
+/// its checkpoint directory; `edit` changes the checkpoint's `state.json` before resuming,
+/// and the resume's result is returned.
+fn resume_after_editing(
+    edit: impl FnOnce(&std::path::Path, &mut serde_json::Value),
+) -> devft::Result<RunOutcome> {
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = || {
+        let (clients, eval) = data();
+        FederatedRun::new(
+            config(4),
+            devft_three_stages_short(),
+            Box::new(FedAvg),
+            clients,
+            eval,
+        )
+        .unwrap()
+        .with_checkpoints(dir.path())
+    };
+    let first = fresh()
+        .stop_after_round(1)
+        .run(model(), &device().autodiff())
+        .unwrap();
+    assert!(!first.completed);
+    let latest = std::fs::read_to_string(dir.path().join("LATEST")).unwrap();
+    let state_path = dir.path().join(latest.trim()).join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    edit(dir.path(), &mut state);
+    std::fs::write(&state_path, serde_json::to_string(&state).unwrap()).unwrap();
+    fresh().run(model(), &device().autodiff())
+}
+
+fn assert_invalid_checkpoint(result: devft::Result<RunOutcome>, needle: &str) {
+    match result {
+        Err(devft::Error::InvalidCheckpoint { reason, .. }) => {
+            assert!(reason.contains(needle), "{reason}")
+        }
+        other => panic!("expected an invalid checkpoint ({needle}), got {other:?}"),
+    }
+}
+
+#[test]
+fn an_unedited_checkpoint_resumes() {
+    let outcome = resume_after_editing(|_, _| {}).unwrap();
+    assert!(outcome.completed);
+    assert_eq!(outcome.metrics.len(), 4);
+}
+
+#[test]
+fn resume_refuses_counters_that_disagree_with_the_plan() {
+    // Once these overflowed (usize::MAX), spun forever (more rounds in the stage than it
+    // has), or reported a finished run that trained nothing (stage 99).
+    assert_invalid_checkpoint(
+        resume_after_editing(|_, s| s["rounds_done"] = u64::MAX.into()),
+        "rounds done",
+    );
+    assert_invalid_checkpoint(
+        resume_after_editing(|_, s| s["rounds_done_in_stage"] = 5.into()),
+        "rounds done in stage 0",
+    );
+    assert_invalid_checkpoint(
+        resume_after_editing(|_, s| s["stage"] = 99.into()),
+        "stage 99 does not exist",
+    );
+}
+
+#[test]
+fn resume_refuses_plans_that_do_not_fit_the_run() {
+    // A stage without rounds once spun forever; a stored plan of 10^12 rounds trained
+    // without end; an empty plan reported a finished run.
+    assert_invalid_checkpoint(
+        resume_after_editing(|_, s| s["plan"][1]["rounds"] = 0.into()),
+        "has no rounds",
+    );
+    assert_invalid_checkpoint(
+        resume_after_editing(|_, s| s["plan"][1]["rounds"] = 1_000_000_000_000u64.into()),
+        "the budget is 4",
+    );
+    assert_invalid_checkpoint(
+        resume_after_editing(|_, s| s["plan"] = serde_json::json!([])),
+        "at least one stage",
+    );
+}
+
+#[test]
+fn resume_refuses_a_grouping_outside_the_model() {
+    let err = resume_after_editing(|_, s| s["grouping"]["groups"][0][0] = 99.into()).unwrap_err();
+    assert!(
+        matches!(&err, devft::Error::Json { source, .. } if source.to_string().contains("layer 99 is out of range")),
+        "{err}"
+    );
+    // A valid partition, but of other layers than the model's.
+    assert_invalid_checkpoint(
+        resume_after_editing(|_, s| s["grouping"] = serde_json::json!({"groups": [[0], [1]]})),
+        "covers 2 layers",
+    );
+}
+
+#[test]
+fn resume_refuses_a_missing_or_foreign_latest() {
+    assert_invalid_checkpoint(
+        resume_after_editing(|dir, _| std::fs::remove_file(dir.join("LATEST")).unwrap()),
+        "no `LATEST`",
+    );
+    assert_invalid_checkpoint(
+        resume_after_editing(|dir, _| std::fs::write(dir.join("LATEST"), "../elsewhere").unwrap()),
+        "not a round directory",
+    );
+}
+
+#[test]
+fn a_scheduler_planning_a_stage_without_rounds_is_refused_before_training() {
+    use devft::schedule::{Stage, StageScheduler};
+    struct ZeroRounds;
+    impl StageScheduler for ZeroRounds {
+        fn plan(&self, num_layers: usize, total_rounds: usize) -> devft::Result<Vec<Stage>> {
+            Ok(vec![
+                Stage {
+                    capacity: 2,
+                    rounds: 0,
+                },
+                Stage {
+                    capacity: num_layers,
+                    rounds: total_rounds,
+                },
+            ])
+        }
+    }
+    let (clients, eval) = data();
+    let strategy = Strategy {
+        scheduler: Box::new(ZeroRounds),
+        ..devft_three_stages()
+    };
+    let mut run = FederatedRun::new(config(2), strategy, Box::new(FedAvg), clients, eval).unwrap();
+    let err = run.run(model(), &device().autodiff()).unwrap_err();
+    assert!(
+        matches!(&err, devft::Error::InvalidArgument(m) if m.contains("no rounds")),
+        "{err}"
+    );
+}

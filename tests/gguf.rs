@@ -1,7 +1,7 @@
 //! GGUF reading: dequantisation against hand-computed values and malformed files.
 
 use devft::Error;
-use devft::model::gguf::{GgufFile, GgufValue};
+use devft::model::gguf::{GgufArray, GgufFile, GgufValue};
 
 /// A tensor to write: name, GGUF dims (innermost first), type id, raw data.
 struct Raw<'a>(&'a str, Vec<u64>, u32, Vec<u8>);
@@ -16,6 +16,8 @@ enum Kv {
     U32(u32),
     F32(f32),
     Str(&'static str),
+    /// An array of `u8` (GGUF type 0).
+    BytesArray(Vec<u8>),
 }
 
 /// A GGUF v3 file with the architecture `llama`, alignment 32, and `kvs`.
@@ -44,6 +46,12 @@ fn write_with(kvs: &[(&str, Kv)], tensors: &[Raw]) -> Vec<u8> {
             Kv::Str(v) => {
                 out.extend(8u32.to_le_bytes());
                 string(&mut out, v);
+            }
+            Kv::BytesArray(items) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(0u32.to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                out.extend(items);
             }
         }
     }
@@ -313,4 +321,81 @@ fn tiny_llama_converted_to_gguf_gives_the_transformers_logits() {
         .map(|(a, b)| (f64::from(*a) - b).abs())
         .fold(0.0, f64::max);
     assert!(diff < 1e-4, "GGUF logits differ by {diff}");
+}
+
+/// The metadata of a tiny llama (8 layers of width 64) with `block_count` layers claimed.
+fn tiny_llama_metadata(block_count: u32) -> Vec<(&'static str, Kv)> {
+    vec![
+        ("llama.embedding_length", Kv::U32(64)),
+        ("llama.feed_forward_length", Kv::U32(176)),
+        ("llama.block_count", Kv::U32(block_count)),
+        ("llama.attention.head_count", Kv::U32(4)),
+        ("llama.vocab_size", Kv::U32(256)),
+    ]
+}
+
+#[test]
+fn an_absurd_block_count_is_refused_before_allocating() {
+    // Once `block_count` = 2^31 - 1 aborted the process in an allocation.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    std::fs::write(
+        &path,
+        write_with(&tiny_llama_metadata(i32::MAX as u32), &[]),
+    )
+    .unwrap();
+    let device = devft::device::default_device().unwrap();
+    let err = devft::model::CausalLm::load(&path, &device).unwrap_err();
+    match err {
+        Error::Gguf {
+            source_name,
+            reason,
+        } => {
+            assert!(source_name.ends_with("model.gguf"), "{source_name}");
+            assert!(
+                reason.contains("block_count") && reason.contains("limit"),
+                "{reason}"
+            );
+        }
+        other => panic!("unexpected error {other}"),
+    }
+    // A plausible count with no tensors names the first missing tensor instead.
+    std::fs::write(&path, write_with(&tiny_llama_metadata(8), &[])).unwrap();
+    let err = devft::model::CausalLm::load(&path, &device).unwrap_err();
+    assert!(matches!(err, Error::MissingTensor { .. }), "{err}");
+}
+
+#[test]
+fn metadata_arrays_are_kept_in_their_own_width() {
+    // Once every item became a 32-byte enum value: a 64 MB array cost 2.1 GB.
+    let items: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let file = open(&write_with(&[("big", Kv::BytesArray(items.clone()))], &[])).unwrap();
+    match &file.metadata["big"] {
+        GgufValue::Array(GgufArray::U8(stored)) => assert_eq!(stored, &items),
+        other => panic!("stored as {:?}", std::mem::discriminant(other)),
+    }
+    let GgufValue::Array(array) = &file.metadata["big"] else {
+        unreachable!()
+    };
+    assert_eq!(array.len(), 1_000_000);
+    assert_eq!(array.get(252), Some(GgufValue::Uint(1)));
+    // A count beyond the bytes present is refused before anything is allocated.
+    let mut bytes = write_with(&[("big", Kv::BytesArray(vec![1; 7]))], &[]);
+    // Value type 9 (array), item type 0 (u8), count 7.
+    let header = [9u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+    let at = find(&bytes, &[header, 7u64.to_le_bytes().to_vec()].concat()).unwrap() + 8;
+    bytes[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    assert_gguf_error(&bytes, "exceeds");
+}
+
+#[test]
+fn a_directory_named_like_a_gguf_file_is_an_io_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    std::fs::create_dir(&path).unwrap();
+    let err = GgufFile::open(&path).unwrap_err();
+    assert!(
+        matches!(&err, Error::Io { source, .. } if source.to_string().contains("not a regular file")),
+        "{err}"
+    );
 }

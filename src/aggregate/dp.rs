@@ -4,7 +4,9 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::aggregate::{Aggregator, ClientInstructions, ClientUpdate, check_updates, zip_map};
+use crate::aggregate::{
+    Aggregator, ClientInstructions, ClientUpdate, check_updates, state_counter, zip_map,
+};
 use crate::error::{Error, Result};
 use crate::params::{HostTensor, ParamMap};
 
@@ -151,7 +153,7 @@ impl<A: Aggregator> Aggregator for DpFixedClipping<A> {
     }
 
     fn load_state(&mut self, state: &ParamMap) -> Result<()> {
-        self.round = state.require(ROUND_KEY)?.values()[0] as u64;
+        self.round = state_counter(state, ROUND_KEY)?;
         let inner: ParamMap = state
             .iter()
             .filter_map(|(n, t)| n.strip_prefix("inner.").map(|r| (r.to_string(), t.clone())))

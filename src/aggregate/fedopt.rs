@@ -10,7 +10,7 @@
 //!
 //! then `x = x + eta_t m / (sqrt(v) + tau)` (`eta_t = eta` for Yogi and Adagrad).
 
-use crate::aggregate::{Aggregator, ClientUpdate, weighted_mean, zip_map};
+use crate::aggregate::{Aggregator, ClientUpdate, state_counter, weighted_mean, zip_map};
 use crate::error::{Error, Result};
 use crate::params::{HostTensor, ParamMap};
 
@@ -150,7 +150,7 @@ impl Aggregator for FedOpt {
     }
 
     fn load_state(&mut self, state: &ParamMap) -> Result<()> {
-        let round = state.require(ROUND_KEY)?.values()[0];
+        let round = state_counter(state, ROUND_KEY)?;
         let split = |prefix: &str| -> Option<ParamMap> {
             let map: ParamMap = state
                 .iter()

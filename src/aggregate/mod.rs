@@ -222,6 +222,52 @@ pub fn check_update(global: &ParamMap, update: &ClientUpdate) -> Result<()> {
     Ok(())
 }
 
+/// The L2 norm of every value of `params`, accumulated in f64 (so finite `f32` values near
+/// `f32::MAX` give a finite, huge norm rather than an overflow).
+pub fn params_norm(params: &ParamMap) -> f64 {
+    params
+        .iter()
+        .flat_map(|(_, t)| t.values())
+        .map(|v| f64::from(*v).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Refuses an update whose norm ([`params_norm`]) exceeds `factor` times the global adapter's
+/// (taken as at least 1): finite but absurd values, such as a client sending `3e38`, would
+/// otherwise pass [`check_update`] and poison the aggregate.
+///
+/// ```
+/// use devft::aggregate::{ClientUpdate, check_update_norm};
+/// use devft::{HostTensor, ParamMap};
+///
+/// let map = |v: f32| {
+///     let mut params = ParamMap::new();
+///     params.insert("w", HostTensor::new(vec![2], vec![v, v]).unwrap());
+///     params
+/// };
+/// let update = |v| ClientUpdate { client: 3, params: map(v), num_examples: 1, metrics: Default::default() };
+/// assert!(check_update_norm(&map(2.0), &update(2.5), 10.0).is_ok());
+/// assert!(check_update_norm(&map(2.0), &update(3e38), 10.0).is_err());
+/// ```
+///
+/// # Errors
+///
+/// [`Error::RejectedUpdate`] naming the client, the norm and the bound.
+pub fn check_update_norm(global: &ParamMap, update: &ClientUpdate, factor: f64) -> Result<()> {
+    let bound = factor * params_norm(global).max(1.0);
+    let norm = params_norm(&update.params);
+    if norm <= bound {
+        return Ok(());
+    }
+    Err(Error::RejectedUpdate {
+        client: update.client,
+        reason: format!(
+            "its norm {norm:.4e} exceeds {bound:.4e} ({factor} times the global adapter's)"
+        ),
+    })
+}
+
 /// The example-weighted mean of the updates' parameters (FedAvg), accumulated in f64.
 ///
 /// # Errors
@@ -298,10 +344,32 @@ pub(crate) fn partial_mean(
 
 /// Applies `f(global, other)` element-wise over matching tensors of two maps with the same
 /// names and shapes.
+/// Reads a counter kept in an aggregator's state (a round number): one whole value in
+/// `0..=2^24`, the range an `f32` holds exactly.
+///
+/// # Errors
+///
+/// [`Error::MissingTensor`] when absent, [`Error::InvalidArgument`] for any other content.
+pub(crate) fn state_counter(state: &ParamMap, key: &str) -> Result<u64> {
+    match state.require(key)?.values() {
+        [v] if (0.0..=16_777_216.0).contains(v) && v.fract() == 0.0 => Ok(*v as u64),
+        _ => Err(Error::InvalidArgument(format!(
+            "aggregator state `{key}` must hold one whole count in 0..=2^24"
+        ))),
+    }
+}
+
 pub(crate) fn zip_map(a: &ParamMap, b: &ParamMap, f: impl Fn(f64, f64) -> f64) -> Result<ParamMap> {
     let mut out = ParamMap::new();
     for (name, x) in a.iter() {
         let y = b.require(name)?;
+        if x.shape() != y.shape() {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: x.shape().to_vec(),
+                found: y.shape().to_vec(),
+            });
+        }
         let values = x
             .values()
             .iter()

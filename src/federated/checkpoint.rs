@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::federated::metrics::{Ledger, RoundMetrics};
 use crate::grouping::Grouping;
 use crate::params::ParamMap;
-use crate::schedule::{Stage, StageOutcome};
+use crate::schedule::{Stage, StageOutcome, validate_plan};
 
 /// Everything needed to continue a run exactly where it stopped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +36,91 @@ pub(crate) struct RunState {
     pub ledger: Ledger,
     /// Finished stages.
     pub stage_outcomes: Vec<StageOutcome>,
+}
+
+/// What a checkpoint must agree with to be resumed by a run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunShape {
+    /// The run's seed.
+    pub seed: u64,
+    /// The run's number of clients.
+    pub num_clients: usize,
+    /// The full model's number of layers.
+    pub num_layers: usize,
+    /// The run's total rounds.
+    pub rounds: usize,
+}
+
+impl RunState {
+    /// Checks the state against itself and against the run resuming it: the plan is valid
+    /// for the run, the counters agree with the plan and with each other, the grouping
+    /// partitions the model's layers into the stage's capacity.
+    fn check(&self, run: RunShape) -> std::result::Result<(), String> {
+        if self.seed != run.seed || self.num_clients != run.num_clients {
+            return Err(format!(
+                "it belongs to a run with seed {} and {} clients, not seed {} and {} clients",
+                self.seed, self.num_clients, run.seed, run.num_clients
+            ));
+        }
+        validate_plan(&self.plan, run.num_layers, run.rounds)
+            .map_err(|e| format!("its plan does not fit this run: {e}"))?;
+        if self.stage > self.plan.len() {
+            return Err(format!(
+                "stage {} does not exist (the plan has {} stages)",
+                self.stage,
+                self.plan.len()
+            ));
+        }
+        let rounds_in_stage = self.plan.get(self.stage).map_or(0, |s| s.rounds);
+        if self.rounds_done_in_stage >= rounds_in_stage.max(1) {
+            return Err(format!(
+                "{} rounds done in stage {}, which has {rounds_in_stage}",
+                self.rounds_done_in_stage, self.stage
+            ));
+        }
+        let before: usize = self.plan[..self.stage].iter().map(|s| s.rounds).sum();
+        if self.rounds_done != before + self.rounds_done_in_stage {
+            return Err(format!(
+                "{} rounds done, but the plan's stages before stage {} and its counter give {}",
+                self.rounds_done,
+                self.stage,
+                before + self.rounds_done_in_stage
+            ));
+        }
+        if self.metrics.len() != self.rounds_done || self.stage_outcomes.len() != self.stage {
+            return Err(format!(
+                "{} rounds and {} stages done, but {} round metrics and {} stage outcomes",
+                self.rounds_done,
+                self.stage,
+                self.metrics.len(),
+                self.stage_outcomes.len()
+            ));
+        }
+        if let Some(entry) = self
+            .ledger
+            .entries
+            .iter()
+            .find(|e| e.round > self.rounds_done)
+        {
+            return Err(format!("the ledger has an entry for round {}", entry.round));
+        }
+        if self.grouping.num_layers() != run.num_layers {
+            return Err(format!(
+                "its grouping covers {} layers, the model has {}",
+                self.grouping.num_layers(),
+                run.num_layers
+            ));
+        }
+        if self.rounds_done_in_stage > 0 && self.grouping.len() != self.plan[self.stage].capacity {
+            return Err(format!(
+                "its grouping has {} groups, stage {} has capacity {}",
+                self.grouping.len(),
+                self.stage,
+                self.plan[self.stage].capacity
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The tensors of a checkpoint.
@@ -97,17 +182,54 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Reads the checkpoint `LATEST` names, or `None` when `dir` holds none.
-    pub(crate) fn load_latest(dir: &Path) -> Result<Option<Self>> {
+    /// Reads the checkpoint `LATEST` names and checks its state against `run`
+    /// ([`RunState::check`]), or `None` when `dir` holds no checkpoint at all.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidCheckpoint`] when round directories exist without `LATEST`, when
+    /// `LATEST` does not name a round directory of `dir`, or when the state is inconsistent;
+    /// the I/O, JSON and safetensors errors of reading it.
+    pub(crate) fn load_latest(dir: &Path, run: RunShape) -> Result<Option<Self>> {
+        let invalid = |reason: String| Error::InvalidCheckpoint {
+            path: dir.to_path_buf(),
+            reason,
+        };
         let latest = dir.join("LATEST");
         if !latest.exists() {
+            let rounds = match std::fs::read_dir(dir) {
+                Ok(entries) => entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("round-"))
+                    .count(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(Error::io(dir, e)),
+            };
+            if rounds > 0 {
+                return Err(invalid(format!(
+                    "it holds {rounds} round director{} but no `LATEST`; restore `LATEST` or \
+                     remove the directory to start afresh",
+                    if rounds == 1 { "y" } else { "ies" }
+                )));
+            }
             return Ok(None);
         }
         let name = std::fs::read_to_string(&latest).map_err(io(&latest))?;
-        let round_dir = dir.join(name.trim());
+        let name = name.trim();
+        let is_round = name
+            .strip_prefix("round-")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !is_round {
+            return Err(invalid(format!(
+                "`LATEST` names `{name}`, not a round directory"
+            )));
+        }
+        let round_dir = dir.join(name);
         let state_path = round_dir.join("state.json");
         let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
-        let state = serde_json::from_str(&text).map_err(|e| Error::json(&state_path, e))?;
+        let state: RunState =
+            serde_json::from_str(&text).map_err(|e| Error::json(&state_path, e))?;
+        state.check(run).map_err(invalid)?;
         let load =
             |name: &str| ParamMap::load_safetensors(round_dir.join(format!("{name}.safetensors")));
         Ok(Some(Self {

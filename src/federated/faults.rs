@@ -9,6 +9,8 @@ pub enum Fault {
     DropOut,
     /// The client's update contains NaN.
     NanUpdate,
+    /// Every value of the client's update is `3e38`: finite, but absurd.
+    HugeUpdate,
     /// The client's message is cut in half.
     TruncatedUpdate,
     /// The client's message is padded far beyond the adapter's size.

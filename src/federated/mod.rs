@@ -54,6 +54,11 @@ pub struct FederatedConfig {
     /// A client message may be at most this many times the size of the server's. Default: 2.
     #[config(default = 2.0)]
     pub max_update_factor: f64,
+    /// A client update's norm may be at most this many times the global adapter's (at least
+    /// 1); larger ones are rejected like any other failed client
+    /// ([`crate::aggregate::check_update_norm`]). Infinity turns the check off. Default: 10.
+    #[config(default = 10.0)]
+    pub max_update_norm_factor: f64,
 }
 
 /// How a run develops the model: stage plan, grouping and fusion.

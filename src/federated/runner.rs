@@ -11,10 +11,12 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 
-use crate::aggregate::{Aggregator, ClientUpdate, check_update, is_lora_a, partial_mean};
+use crate::aggregate::{
+    Aggregator, ClientUpdate, check_update, check_update_norm, is_lora_a, partial_mean,
+};
 use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
-use crate::federated::checkpoint::{Checkpoint, RunState};
+use crate::federated::checkpoint::{Checkpoint, RunShape, RunState};
 use crate::federated::evaluate::evaluate_loss;
 use crate::federated::faults::{Fault, FaultInjector};
 use crate::federated::local::train_local;
@@ -23,7 +25,7 @@ use crate::federated::wire::{self, WireSize};
 use crate::federated::{FederatedConfig, Strategy};
 use crate::grouping::Grouping;
 use crate::model::CausalLm;
-use crate::params::{HostTensor, ParamMap};
+use crate::params::{HostTensor, ParamMap, parse_index};
 use crate::schedule::{Stage, StageOutcome, validate_plan};
 use crate::transfer::{build_submodel, transfer_lora, transfer_merged_weights};
 
@@ -107,7 +109,7 @@ impl FederatedRun {
     ///
     /// [`Error::InvalidArgument`] when there are no clients or no evaluation examples, more
     /// clients per round than clients, `min_successful_clients` outside
-    /// `1..=clients_per_round`, or zero rounds.
+    /// `1..=clients_per_round`, zero rounds, or an update bound below 1.
     pub fn new(
         config: FederatedConfig,
         strategy: Strategy,
@@ -135,6 +137,12 @@ impl FederatedRun {
             return invalid(format!(
                 "min_successful_clients ({}) must lie in 1..={}",
                 config.min_successful_clients, config.clients_per_round
+            ));
+        }
+        if !(config.max_update_norm_factor >= 1.0 && config.max_update_factor >= 1.0) {
+            return invalid(format!(
+                "max_update_norm_factor ({}) and max_update_factor ({}) must be at least 1",
+                config.max_update_norm_factor, config.max_update_factor
             ));
         }
         Ok(Self {
@@ -218,7 +226,7 @@ impl FederatedRun {
             grouping,
             fused,
             submodel,
-            personal: split_personal(&checkpoint.personal)?,
+            personal: split_personal(&checkpoint.personal, &checkpoint.global, self.clients.len())?,
             pending_merge: checkpoint.pending_merge.clone(),
         })
     }
@@ -238,19 +246,18 @@ impl FederatedRun {
             ));
         }
         let num_layers = model.num_layers();
+        let shape = RunShape {
+            seed: self.config.seed,
+            num_clients: self.clients.len(),
+            num_layers,
+            rounds: self.config.rounds,
+        };
         let resumed = match &self.checkpoint_dir {
-            Some(dir) => Checkpoint::load_latest(dir)?,
+            Some(dir) => Checkpoint::load_latest(dir, shape)?,
             None => None,
         };
         let (mut state, mut stage_run) = match resumed {
             Some(checkpoint) => {
-                if checkpoint.state.seed != self.config.seed
-                    || checkpoint.state.num_clients != self.clients.len()
-                {
-                    return Err(Error::InvalidArgument(
-                        "the checkpoint belongs to a run with another seed or client count".into(),
-                    ));
-                }
                 if !checkpoint.model_weights.is_empty() {
                     model.load_projection_weights(&checkpoint.model_weights)?;
                 }
@@ -268,6 +275,7 @@ impl FederatedRun {
                     .strategy
                     .scheduler
                     .plan(num_layers, self.config.rounds)?;
+                validate_plan(&plan, num_layers, self.config.rounds)?;
                 let state = RunState {
                     seed: self.config.seed,
                     num_clients: self.clients.len(),
@@ -284,7 +292,15 @@ impl FederatedRun {
             }
         };
         let progress = self.progress_bar(&state);
+        // One round per iteration: `rounds_done` grows by one each time and the plan (checked
+        // to add up to the budget) ends the loop after `config.rounds` rounds at most.
         while state.stage < state.plan.len() {
+            if state.rounds_done >= self.config.rounds {
+                return Err(Error::InvalidArgument(format!(
+                    "the plan asks for more than the run's {} rounds",
+                    self.config.rounds
+                )));
+            }
             let stage = state.plan[state.stage];
             let setup_started = Instant::now();
             let mut current = match stage_run.take() {
@@ -292,74 +308,48 @@ impl FederatedRun {
                 None => self.start_stage(&model, stage.capacity)?,
             };
             // Grouping and fusion count towards the stage's first round.
-            let mut setup_seconds = setup_started.elapsed().as_secs_f64();
+            let setup_seconds = setup_started.elapsed().as_secs_f64();
             state.grouping = current.grouping.clone();
-            while state.rounds_done_in_stage < stage.rounds {
-                let metrics = self.round(
-                    &model,
-                    &mut current,
-                    &mut state,
-                    stage,
-                    train_device,
-                    std::mem::take(&mut setup_seconds),
-                )?;
-                if let Some(bar) = &progress {
-                    bar.set_message(format!(
-                        "stage {} (K={}) eval {:.4}",
-                        state.stage + 1,
-                        stage.capacity,
-                        metrics.eval_loss.unwrap_or(f64::NAN)
-                    ));
-                    bar.inc(1);
-                }
-                self.write_metrics(&metrics)?;
-                state.metrics.push(metrics);
-                state.rounds_done_in_stage += 1;
-                state.rounds_done += 1;
-                let stage_finished = state.rounds_done_in_stage == stage.rounds;
-                if stage_finished {
-                    self.finish_stage(&mut model, &current, &mut state, stage)?;
-                }
-                if let Some(dir) = &self.checkpoint_dir {
-                    let (global, stage_start_lora) = if stage_finished {
-                        (ParamMap::new(), model.lora_params())
-                    } else {
-                        (current.global.clone(), current.stage_start_lora.clone())
-                    };
-                    let mid_stage =
-                        |map: ParamMap| if stage_finished { ParamMap::new() } else { map };
-                    let merges = self.aggregator.merges_into_base();
-                    let weights = |keep: bool, model: &CausalLm| {
-                        if keep {
-                            model.projection_weights()
-                        } else {
-                            ParamMap::new()
-                        }
-                    };
-                    Checkpoint {
-                        state: state.clone(),
-                        stage_start_lora,
-                        global,
-                        aggregator: self.aggregator.state(),
-                        personal: mid_stage(join_personal(&current.personal)),
-                        model_weights: weights(merges, &model),
-                        submodel_weights: weights(merges && !stage_finished, &current.submodel),
-                        pending_merge: mid_stage(current.pending_merge.clone()),
-                    }
+            let metrics = self.round(
+                &model,
+                &mut current,
+                &mut state,
+                stage,
+                train_device,
+                setup_seconds,
+            )?;
+            if let Some(bar) = &progress {
+                bar.set_message(format!(
+                    "stage {} (K={}) eval {:.4}",
+                    state.stage + 1,
+                    stage.capacity,
+                    metrics.eval_loss.unwrap_or(f64::NAN)
+                ));
+                bar.inc(1);
+            }
+            self.write_metrics(&metrics)?;
+            state.metrics.push(metrics);
+            state.rounds_done_in_stage += 1;
+            state.rounds_done += 1;
+            let stage_finished = state.rounds_done_in_stage >= stage.rounds;
+            if stage_finished {
+                self.finish_stage(&mut model, &current, &mut state, stage)?;
+            }
+            if let Some(dir) = &self.checkpoint_dir {
+                self.checkpoint(&model, &current, &state, stage_finished)
                     .save(dir)?;
-                }
-                if self.stop_after_round == Some(state.rounds_done) {
-                    return Ok(RunOutcome {
-                        model,
-                        metrics: state.metrics,
-                        ledger: state.ledger,
-                        stages: state.stage_outcomes,
-                        completed: false,
-                    });
-                }
-                if stage_finished {
-                    break;
-                }
+            }
+            if !stage_finished {
+                stage_run = Some(current);
+            }
+            if self.stop_after_round == Some(state.rounds_done) {
+                return Ok(RunOutcome {
+                    model,
+                    metrics: state.metrics,
+                    ledger: state.ledger,
+                    stages: state.stage_outcomes,
+                    completed: false,
+                });
             }
         }
         if let Some(bar) = progress {
@@ -372,6 +362,40 @@ impl FederatedRun {
             stages: state.stage_outcomes,
             completed: true,
         })
+    }
+
+    /// The checkpoint after a round; `stage_finished` when the round ended its stage (the
+    /// stage's adapters are then in `model`, and nothing of the stage needs keeping).
+    fn checkpoint(
+        &self,
+        model: &CausalLm,
+        current: &StageRun,
+        state: &RunState,
+        stage_finished: bool,
+    ) -> Checkpoint {
+        let mid_stage = |map: ParamMap| if stage_finished { ParamMap::new() } else { map };
+        let merges = self.aggregator.merges_into_base();
+        let weights = |keep: bool, model: &CausalLm| {
+            if keep {
+                model.projection_weights()
+            } else {
+                ParamMap::new()
+            }
+        };
+        Checkpoint {
+            state: state.clone(),
+            stage_start_lora: if stage_finished {
+                model.lora_params()
+            } else {
+                current.stage_start_lora.clone()
+            },
+            global: mid_stage(current.global.clone()),
+            aggregator: self.aggregator.state(),
+            personal: mid_stage(join_personal(&current.personal)),
+            model_weights: weights(merges, model),
+            submodel_weights: weights(merges && !stage_finished, &current.submodel),
+            pending_merge: mid_stage(current.pending_merge.clone()),
+        }
     }
 
     fn finish_stage(
@@ -477,6 +501,8 @@ impl FederatedRun {
                     metrics: BTreeMap::from([("train_loss".to_string(), loss)]),
                 };
                 check_update(&current.global, &update).map_err(|e| e.to_string())?;
+                check_update_norm(&current.global, &update, self.config.max_update_norm_factor)
+                    .map_err(|e| e.to_string())?;
                 Ok(update)
             });
             state.ledger.entries.push(LedgerEntry {
@@ -696,19 +722,40 @@ fn join_personal(personal: &BTreeMap<usize, ParamMap>) -> ParamMap {
         .collect()
 }
 
-/// The inverse of [`join_personal`].
-fn split_personal(joined: &ParamMap) -> Result<BTreeMap<usize, ParamMap>> {
+/// The inverse of [`join_personal`], checked: every client exists and every tensor is one of
+/// the global adapter's `lora_B` tensors, with its shape.
+fn split_personal(
+    joined: &ParamMap,
+    global: &ParamMap,
+    num_clients: usize,
+) -> Result<BTreeMap<usize, ParamMap>> {
     let mut personal: BTreeMap<usize, ParamMap> = BTreeMap::new();
     for (name, tensor) in joined.iter() {
         let parsed = name
             .strip_prefix("client.")
             .and_then(|rest| rest.split_once('.'))
-            .and_then(|(id, inner)| Some((id.parse::<usize>().ok()?, inner)));
+            .and_then(|(id, inner)| Some((parse_index(id)?, inner)))
+            .filter(|(client, inner)| *client < num_clients && !is_lora_a(inner));
         let Some((client, inner)) = parsed else {
             return Err(Error::UnexpectedTensor {
                 name: name.to_string(),
             });
         };
+        let expected = global.get(inner).ok_or_else(|| Error::UnexpectedTensor {
+            name: name.to_string(),
+        })?;
+        if expected.shape() != tensor.shape() {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: expected.shape().to_vec(),
+                found: tensor.shape().to_vec(),
+            });
+        }
+        if !tensor.is_finite() {
+            return Err(Error::NonFinite {
+                name: name.to_string(),
+            });
+        }
         personal
             .entry(client)
             .or_default()
@@ -719,22 +766,32 @@ fn split_personal(joined: &ParamMap) -> Result<BTreeMap<usize, ParamMap>> {
 
 /// Applies an injected message fault to the bytes a client sends.
 fn corrupt(bytes: &mut Vec<u8>, fault: Option<&Fault>, max_bytes: usize) {
+    let rewrite = |bytes: &mut Vec<u8>, poison: &dyn Fn(&mut [f32])| {
+        if let Ok(params) = ParamMap::from_safetensors_bytes(bytes, "fault") {
+            let poisoned: ParamMap = params
+                .into_iter()
+                .enumerate()
+                .map(|(i, (name, mut tensor)): (usize, (String, HostTensor))| {
+                    if i == 0 || !matches!(fault, Some(Fault::NanUpdate)) {
+                        poison(tensor.values_mut());
+                    }
+                    (name, tensor)
+                })
+                .collect();
+            if let Ok(b) = poisoned.to_safetensors_bytes() {
+                *bytes = b;
+            }
+        }
+    };
     match fault {
         Some(Fault::TruncatedUpdate) => bytes.truncate(bytes.len() / 2),
         Some(Fault::OversizedUpdate) => bytes.resize(max_bytes + 1, 0),
-        Some(Fault::NanUpdate) => {
-            if let Ok(mut params) = ParamMap::from_safetensors_bytes(bytes, "nan") {
-                let name = params.names().next().map(str::to_string);
-                if let Some(name) = name {
-                    let mut tensor: HostTensor = params.get(&name).cloned().expect("present");
-                    tensor.values_mut()[0] = f32::NAN;
-                    params.insert(name, tensor);
-                    if let Ok(b) = params.to_safetensors_bytes() {
-                        *bytes = b;
-                    }
-                }
+        Some(Fault::NanUpdate) => rewrite(bytes, &|values| {
+            if let Some(first) = values.first_mut() {
+                *first = f32::NAN;
             }
-        }
+        }),
+        Some(Fault::HugeUpdate) => rewrite(bytes, &|values| values.fill(3e38)),
         _ => {}
     }
 }

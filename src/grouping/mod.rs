@@ -27,9 +27,29 @@ use crate::params::HostTensor;
 ///
 /// Each group is sorted; groups are ordered by their smallest member (the *anchor*), which is
 /// the order of the fused layers in a submodel.
+///
+/// A deserialised grouping goes through [`Grouping::new`], so one read from a file is a
+/// partition too (of `0..L`, `L` its number of members); whether it fits a given model is
+/// the reader's check.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "GroupingRepr")]
 pub struct Grouping {
     groups: Vec<Vec<usize>>,
+}
+
+/// The serialised form of a [`Grouping`], validated on the way in.
+#[derive(serde::Deserialize)]
+struct GroupingRepr {
+    groups: Vec<Vec<usize>>,
+}
+
+impl TryFrom<GroupingRepr> for Grouping {
+    type Error = Error;
+
+    fn try_from(repr: GroupingRepr) -> Result<Self> {
+        let num_layers = repr.groups.iter().map(Vec::len).sum();
+        Self::new(repr.groups, num_layers)
+    }
 }
 
 impl Grouping {

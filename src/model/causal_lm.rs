@@ -13,11 +13,11 @@ use rand::{Rng, SeedableRng};
 use crate::error::{Error, Result};
 use crate::model::attention::{AttentionContext, LayerCache};
 use crate::model::checkpoint::Checkpoint;
-use crate::model::config::{DecoderConfig, HfConfig};
+use crate::model::config::DecoderConfig;
 use crate::model::decoder::{DecoderLayer, TensorSpec, frozen_norm, layer_tensor_specs};
 use crate::model::lora::LoraConfig;
 use crate::model::rope::RotaryEmbedding;
-use crate::params::{HostTensor, ParamMap, TensorSource};
+use crate::params::{HostTensor, ParamMap, TensorSource, parse_index};
 
 /// Keys and values of every layer for incremental decoding.
 #[derive(Debug, Clone)]
@@ -96,13 +96,19 @@ fn layer_prefix(index: usize) -> String {
     format!("model.layers.{index}.")
 }
 
+/// Splits `model.layers.{i}.{inner}` into `(i, inner)`; `i` must be written canonically.
+fn split_layer_name(name: &str) -> Option<(usize, &str)> {
+    let (index, inner) = name.strip_prefix("model.layers.")?.split_once('.')?;
+    Some((parse_index(index)?, inner))
+}
+
 impl CausalLm {
     /// Loads a HuggingFace model directory (`config.json` plus `model.safetensors` or a sharded
     /// index), or a `.gguf` file ([`CausalLm::from_gguf`]), onto `device`.
     ///
     /// # Errors
     ///
-    /// Any error of [`HfConfig::load`], [`HfConfig::resolve`], [`Checkpoint::open`],
+    /// Any error of [`DecoderConfig::from_hf_file`], [`Checkpoint::open`],
     /// [`CausalLm::from_gguf`] and [`CausalLm::from_source`].
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
@@ -113,7 +119,7 @@ impl CausalLm {
         {
             return Self::from_gguf(dir, device);
         }
-        let config = HfConfig::load(dir.join("config.json"))?.resolve()?;
+        let config = DecoderConfig::from_hf_file(dir.join("config.json"))?;
         let checkpoint = Checkpoint::open(dir)?;
         Self::from_source(config, &checkpoint, device)
     }
@@ -123,8 +129,10 @@ impl CausalLm {
     /// # Errors
     ///
     /// [`Error::MissingTensor`], [`Error::UnexpectedTensor`] (names the model has no place for,
-    /// other than `rotary_emb.inv_freq` buffers and a redundant tied `lm_head.weight`) or
-    /// [`Error::ShapeMismatch`], each naming the tensor.
+    /// other than `rotary_emb.inv_freq` buffers and a redundant tied `lm_head.weight`; layer
+    /// indices must be written canonically, `model.layers.7.`, not `07` or `+7`),
+    /// [`Error::ShapeMismatch`] or [`Error::NonFinite`] (a NaN or infinite weight, norm or
+    /// embedding), each naming the tensor. Presence is checked before any tensor is decoded.
     pub fn from_source(
         config: DecoderConfig,
         source: &impl TensorSource,
@@ -140,17 +148,33 @@ impl CausalLm {
             {
                 return true;
             }
-            name.strip_prefix("model.layers.")
-                .and_then(|rest| rest.split_once('.'))
-                .is_some_and(|(index, inner)| {
-                    index.parse::<usize>().is_ok_and(|i| i < config.num_layers)
-                        && layer_specs.iter().any(|s| s.name == inner)
-                })
+            split_layer_name(name).is_some_and(|(i, inner)| {
+                i < config.num_layers && layer_specs.iter().any(|s| s.name == inner)
+            })
         };
         if let Some(extra) = names.iter().find(|n| !known(n)) {
             return Err(Error::UnexpectedTensor {
                 name: extra.clone(),
             });
+        }
+        // Every name is known and unique, so a count short of the model's means a tensor is
+        // missing: say which before decoding (and allocating) anything.
+        let needed = top_specs.len() + config.num_layers * layer_specs.len();
+        if names.len() < needed {
+            let present: std::collections::BTreeSet<&str> =
+                names.iter().map(String::as_str).collect();
+            let missing = top_specs
+                .iter()
+                .map(|s| s.name.clone())
+                .chain((0..config.num_layers).flat_map(|i| {
+                    layer_specs
+                        .iter()
+                        .map(move |s| format!("{}{}", layer_prefix(i), s.name))
+                }))
+                .find(|name| !present.contains(name.as_str()));
+            if let Some(name) = missing {
+                return Err(Error::MissingTensor { name });
+            }
         }
         let load = |spec: &TensorSpec| -> Result<HostTensor> {
             let tensor = source.load_tensor(&spec.name)?;
@@ -161,12 +185,17 @@ impl CausalLm {
                     found: tensor.shape().to_vec(),
                 });
             }
+            if !tensor.is_finite() {
+                return Err(Error::NonFinite {
+                    name: spec.name.clone(),
+                });
+            }
             Ok(tensor)
         };
         let embed = load(&top_specs[0])?;
         let norm = load(&top_specs[1])?;
         let lm_head = top_specs.get(2).map(load).transpose()?;
-        let mut layers = Vec::with_capacity(config.num_layers);
+        let mut layers = Vec::new();
         for i in 0..config.num_layers {
             let prefix = layer_prefix(i);
             let mut params = ParamMap::new();
@@ -428,11 +457,7 @@ impl CausalLm {
     ) -> Result<()> {
         let mut per_layer = vec![ParamMap::new(); self.layers.len()];
         for (name, tensor) in params.iter() {
-            let slot = name
-                .strip_prefix("model.layers.")
-                .and_then(|rest| rest.split_once('.'))
-                .and_then(|(index, inner)| Some((index.parse::<usize>().ok()?, inner)))
-                .filter(|(index, _)| *index < self.layers.len());
+            let slot = split_layer_name(name).filter(|(index, _)| *index < self.layers.len());
             let Some((index, inner)) = slot else {
                 return Err(Error::UnexpectedTensor {
                     name: name.to_string(),

@@ -72,6 +72,12 @@ impl Checkpoint {
         let mut files: Vec<String> = index.weight_map.values().cloned().collect();
         files.sort();
         files.dedup();
+        if let Some(outside) = files.iter().find(|f| !is_plain_file_name(f)) {
+            return Err(Error::InvalidConfig(format!(
+                "`{}`: shard `{outside}` is not a file name in the model's directory",
+                index_path.display()
+            )));
+        }
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         let checkpoint = Self::open_files(&paths)?;
         for (name, file) in &index.weight_map {
@@ -92,9 +98,7 @@ impl Checkpoint {
         let mut shards = Vec::new();
         let mut index = BTreeMap::new();
         for (i, path) in paths.iter().enumerate() {
-            let file = File::open(path).map_err(|e| Error::io(path, e))?;
-            // SAFETY: the map is read-only; the file is not expected to change while open.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let mmap = map_file(path)?;
             let header = SafetensorsHeader::parse(&mmap, &path.display().to_string())?;
             for name in header.names() {
                 index.insert(name, i);
@@ -103,6 +107,35 @@ impl Checkpoint {
         }
         Ok(Self { shards, index })
     }
+}
+
+/// Whether `name` names a file directly inside a directory: one normal path component, so
+/// neither absolute, nor `..`, nor in a subdirectory.
+fn is_plain_file_name(name: &str) -> bool {
+    let mut components = Path::new(name).components();
+    matches!(
+        (components.next(), components.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    )
+}
+
+/// Memory-maps the regular file at `path` read-only.
+///
+/// # Errors
+///
+/// [`Error::Io`] when it cannot be opened or mapped, or is not a regular file (a directory
+/// would otherwise fail to map with the kernel's "No such device").
+pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let metadata = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !metadata.is_file() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        ));
+    }
+    // SAFETY: the map is read-only; the file is not expected to change while open.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
 }
 
 impl TensorSource for Checkpoint {

@@ -207,16 +207,31 @@ impl HfConfig {
     /// or the RoPE type is unsupported.
     pub fn resolve(&self) -> Result<DecoderConfig> {
         let invalid = |msg: String| Err(Error::InvalidConfig(msg));
-        for (name, value) in [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("vocab_size", self.vocab_size),
+        for (name, value, limit) in [
+            ("hidden_size", self.hidden_size, limits::MAX_WIDTH),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                limits::MAX_WIDTH,
+            ),
+            (
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                limits::MAX_LAYERS,
+            ),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                limits::MAX_HEADS,
+            ),
+            ("vocab_size", self.vocab_size, limits::MAX_VOCAB),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                limits::MAX_POSITIONS,
+            ),
         ] {
-            if value == 0 {
-                return invalid(format!("`{name}` must be positive"));
-            }
+            check_size(name, value, limit)?;
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return invalid(format!(
@@ -234,17 +249,24 @@ impl HfConfig {
         let head_dim = self
             .head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads);
-        if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return invalid(format!("head_dim ({head_dim}) must be positive and even"));
+        check_size("head_dim", head_dim, limits::MAX_HEAD_DIM)?;
+        if !head_dim.is_multiple_of(2) {
+            return invalid(format!("head_dim ({head_dim}) must be even"));
         }
+        // Both factors are bounded above, so the product cannot overflow; it is bounded too.
+        check_size(
+            "num_attention_heads * head_dim",
+            self.num_attention_heads * head_dim,
+            limits::MAX_WIDTH,
+        )?;
         if let Some(act) = &self.hidden_act
             && act != "silu"
         {
             return invalid(format!("hidden_act `{act}` is not supported (only `silu`)"));
         }
-        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
             return invalid(format!(
-                "rms_norm_eps ({}) must be positive",
+                "rms_norm_eps ({}) must lie in (0, 1)",
                 self.rms_norm_eps
             ));
         }
@@ -265,6 +287,9 @@ impl HfConfig {
             (true, _) => None,
             (false, _) => self.sliding_window,
         };
+        if let Some(window) = sliding_window {
+            check_size("sliding_window", window, limits::MAX_POSITIONS)?;
+        }
         Ok(DecoderConfig {
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
@@ -287,30 +312,85 @@ impl HfConfig {
 }
 
 fn resolve_rope_scaling(rope: &RopeParameters) -> Result<RopeScaling> {
-    let need = |value: Option<f64>, key: &str| {
-        value.ok_or_else(|| Error::InvalidConfig(format!("rope scaling needs `{key}`")))
+    let need = |value: Option<f64>, key: &str| -> Result<f64> {
+        let value =
+            value.ok_or_else(|| Error::InvalidConfig(format!("rope scaling needs `{key}`")))?;
+        if !(value.is_finite() && value > 0.0) {
+            return Err(Error::InvalidConfig(format!(
+                "rope scaling `{key}` ({value}) must be positive and finite"
+            )));
+        }
+        Ok(value)
     };
     match rope.rope_type.as_deref().unwrap_or("default") {
         "default" => Ok(RopeScaling::None),
         "linear" => Ok(RopeScaling::Linear {
             factor: need(rope.factor, "factor")?,
         }),
-        "llama3" => Ok(RopeScaling::Llama3 {
-            factor: need(rope.factor, "factor")?,
-            low_freq_factor: need(rope.low_freq_factor, "low_freq_factor")?,
-            high_freq_factor: need(rope.high_freq_factor, "high_freq_factor")?,
-            original_max_position_embeddings: rope.original_max_position_embeddings.ok_or_else(
-                || {
-                    Error::InvalidConfig(
-                        "rope scaling needs `original_max_position_embeddings`".into(),
-                    )
-                },
-            )?,
-        }),
+        "llama3" => {
+            let low_freq_factor = need(rope.low_freq_factor, "low_freq_factor")?;
+            let high_freq_factor = need(rope.high_freq_factor, "high_freq_factor")?;
+            if low_freq_factor >= high_freq_factor {
+                return Err(Error::InvalidConfig(format!(
+                    "rope scaling needs low_freq_factor ({low_freq_factor}) < \
+                     high_freq_factor ({high_freq_factor})"
+                )));
+            }
+            let original = rope.original_max_position_embeddings.ok_or_else(|| {
+                Error::InvalidConfig("rope scaling needs `original_max_position_embeddings`".into())
+            })?;
+            check_size(
+                "original_max_position_embeddings",
+                original,
+                limits::MAX_POSITIONS,
+            )?;
+            Ok(RopeScaling::Llama3 {
+                factor: need(rope.factor, "factor")?,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: original,
+            })
+        }
         other => Err(Error::InvalidConfig(format!(
             "rope type `{other}` is not supported (default, linear, llama3)"
         ))),
     }
+}
+
+/// Checks a size read from a file: positive and at most `limit`.
+fn check_size(name: &str, value: usize, limit: usize) -> Result<()> {
+    if value == 0 {
+        return Err(Error::InvalidConfig(format!("`{name}` must be positive")));
+    }
+    if value > limit {
+        return Err(Error::InvalidConfig(format!(
+            "`{name}` ({value}) exceeds devft's limit of {limit}"
+        )));
+    }
+    Ok(())
+}
+
+/// Upper bounds on the sizes a configuration may declare.
+///
+/// A size read from a file is checked against these before anything is allocated for it, so
+/// that a corrupt or hostile `config.json` or GGUF header gives [`Error::InvalidConfig`]
+/// instead of an allocation the process cannot survive. Each is well above every published
+/// Llama-family model (Llama 3.1 405B: 126 layers, hidden 16384, MLP 53248, 128 heads of 128;
+/// the largest vocabularies are about 256k).
+pub mod limits {
+    /// Decoder layers.
+    pub const MAX_LAYERS: usize = 1024;
+    /// Residual-stream, MLP and attention widths (`hidden_size`, `intermediate_size`,
+    /// heads times head width).
+    pub const MAX_WIDTH: usize = 1 << 18;
+    /// Attention heads (query or key/value).
+    pub const MAX_HEADS: usize = 1024;
+    /// Width of one attention head.
+    pub const MAX_HEAD_DIM: usize = 1024;
+    /// Vocabulary entries.
+    pub const MAX_VOCAB: usize = 1 << 22;
+    /// Positions (`max_position_embeddings`, sliding windows, RoPE's original context).
+    pub const MAX_POSITIONS: usize = 1 << 24;
 }
 
 impl DecoderConfig {
@@ -318,9 +398,12 @@ impl DecoderConfig {
     ///
     /// # Errors
     ///
-    /// As [`HfConfig::load`] and [`HfConfig::resolve`].
+    /// As [`HfConfig::load`] and [`HfConfig::resolve`]; configuration errors name the file.
     pub fn from_hf_file(path: impl AsRef<Path>) -> Result<Self> {
-        HfConfig::load(path)?.resolve()
+        let path = path.as_ref();
+        HfConfig::load(path)?
+            .resolve()
+            .map_err(|e| e.in_file(&path.display().to_string()))
     }
 
     /// A config with SmolLM2-135M's shape: 30 layers, hidden 576, MLP 1536, 9 heads, 3 KV heads,

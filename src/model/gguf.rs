@@ -12,6 +12,7 @@ use memmap2::Mmap;
 
 use crate::error::{Error, Result};
 use crate::model::causal_lm::CausalLm;
+use crate::model::checkpoint::map_file;
 use crate::model::config::{DecoderConfig, HfConfig};
 use crate::params::{HostTensor, TensorSource};
 
@@ -28,8 +29,99 @@ pub enum GgufValue {
     Bool(bool),
     /// A UTF-8 string.
     String(String),
-    /// An array of values.
-    Array(Vec<GgufValue>),
+    /// An array of values, stored compactly by element type.
+    Array(GgufArray),
+}
+
+/// A metadata array, held in its element type's own width, so that its memory stays
+/// proportional to its bytes in the file (a tokenizer's vocabulary of 49k strings, a table of
+/// a million `u8`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufArray {
+    /// `u8` items.
+    U8(Vec<u8>),
+    /// `i8` items.
+    I8(Vec<i8>),
+    /// `u16` items.
+    U16(Vec<u16>),
+    /// `i16` items.
+    I16(Vec<i16>),
+    /// `u32` items.
+    U32(Vec<u32>),
+    /// `i32` items.
+    I32(Vec<i32>),
+    /// `f32` items.
+    F32(Vec<f32>),
+    /// Boolean items.
+    Bool(Vec<bool>),
+    /// String items.
+    String(Vec<String>),
+    /// `u64` items.
+    U64(Vec<u64>),
+    /// `i64` items.
+    I64(Vec<i64>),
+    /// `f64` items.
+    F64(Vec<f64>),
+    /// Nested arrays.
+    Array(Vec<GgufArray>),
+}
+
+impl GgufArray {
+    /// The number of items.
+    pub fn len(&self) -> usize {
+        match self {
+            GgufArray::U8(v) => v.len(),
+            GgufArray::I8(v) => v.len(),
+            GgufArray::U16(v) => v.len(),
+            GgufArray::I16(v) => v.len(),
+            GgufArray::U32(v) => v.len(),
+            GgufArray::I32(v) => v.len(),
+            GgufArray::F32(v) => v.len(),
+            GgufArray::Bool(v) => v.len(),
+            GgufArray::String(v) => v.len(),
+            GgufArray::U64(v) => v.len(),
+            GgufArray::I64(v) => v.len(),
+            GgufArray::F64(v) => v.len(),
+            GgufArray::Array(v) => v.len(),
+        }
+    }
+
+    /// Whether the array has no items.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The items as strings, if this is an array of strings.
+    pub fn strings(&self) -> Option<&[String]> {
+        match self {
+            GgufArray::String(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Item `index` as a [`GgufValue`] (scalars and strings are copied), if in range.
+    pub fn get(&self, index: usize) -> Option<GgufValue> {
+        Some(match self {
+            GgufArray::U8(v) => GgufValue::Uint(u64::from(*v.get(index)?)),
+            GgufArray::I8(v) => GgufValue::Int(i64::from(*v.get(index)?)),
+            GgufArray::U16(v) => GgufValue::Uint(u64::from(*v.get(index)?)),
+            GgufArray::I16(v) => GgufValue::Int(i64::from(*v.get(index)?)),
+            GgufArray::U32(v) => GgufValue::Uint(u64::from(*v.get(index)?)),
+            GgufArray::I32(v) => GgufValue::Int(i64::from(*v.get(index)?)),
+            GgufArray::F32(v) => GgufValue::Float(f64::from(*v.get(index)?)),
+            GgufArray::Bool(v) => GgufValue::Bool(*v.get(index)?),
+            GgufArray::String(v) => GgufValue::String(v.get(index)?.clone()),
+            GgufArray::U64(v) => GgufValue::Uint(*v.get(index)?),
+            GgufArray::I64(v) => GgufValue::Int(*v.get(index)?),
+            GgufArray::F64(v) => GgufValue::Float(*v.get(index)?),
+            GgufArray::Array(v) => GgufValue::Array(v.get(index)?.clone()),
+        })
+    }
+
+    /// The items, one [`GgufValue`] at a time.
+    pub fn iter(&self) -> impl Iterator<Item = GgufValue> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
 }
 
 impl GgufValue {
@@ -126,6 +218,17 @@ pub struct GgufFile {
     pub tensors: BTreeMap<String, GgufTensorInfo>,
 }
 
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("source_name", &self.source_name)
+            .field("version", &self.version)
+            .field("metadata_keys", &self.metadata.len())
+            .field("tensors", &self.tensors.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A cursor that refuses to read past the end.
 struct Reader<'a> {
     bytes: &'a [u8],
@@ -184,7 +287,7 @@ impl<'a> Reader<'a> {
         String::from_utf8(bytes.to_vec()).map_err(|_| self.error("a string is not UTF-8"))
     }
 
-    fn value(&mut self, kind: u32, depth: usize) -> Result<GgufValue> {
+    fn value(&mut self, kind: u32) -> Result<GgufValue> {
         Ok(match kind {
             0 => GgufValue::Uint(u64::from(self.take(1)?[0])),
             1 => GgufValue::Int(i64::from(self.take(1)?[0] as i8)),
@@ -199,22 +302,63 @@ impl<'a> Reader<'a> {
             6 => GgufValue::Float(f64::from(f32::from_bits(self.u32()?))),
             7 => GgufValue::Bool(self.take(1)?[0] != 0),
             8 => GgufValue::String(self.string()?),
-            9 => {
-                if depth > 4 {
-                    return Err(self.error("arrays nested too deeply"));
-                }
-                let item = self.u32()?;
-                let n = self.count("array", 1)?;
-                let mut items = Vec::with_capacity(n.min(1 << 20));
-                for _ in 0..n {
-                    items.push(self.value(item, depth + 1)?);
-                }
-                GgufValue::Array(items)
-            }
+            9 => GgufValue::Array(self.array(0)?),
             10 => GgufValue::Uint(self.u64()?),
             11 => GgufValue::Int(self.u64()? as i64),
             12 => GgufValue::Float(f64::from_bits(self.u64()?)),
             other => return Err(self.error(format!("unknown metadata value type {other}"))),
+        })
+    }
+}
+
+impl Reader<'_> {
+    /// An array: its item type, its count (bounded by the bytes left at the item type's
+    /// smallest encoding) and its items, kept in their own width.
+    fn array(&mut self, depth: usize) -> Result<GgufArray> {
+        if depth > 4 {
+            return Err(self.error("arrays nested too deeply"));
+        }
+        let item = self.u32()?;
+        // Smallest encoding of one item: strings and arrays carry an 8-byte length (arrays
+        // also a 4-byte type).
+        let min_size = match item {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            8 | 10..=12 => 8,
+            9 => 12,
+            other => return Err(self.error(format!("unknown metadata array type {other}"))),
+        };
+        let n = self.count("array item", min_size)?;
+        macro_rules! items {
+            ($variant:ident, $read:expr) => {{
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push($read);
+                }
+                GgufArray::$variant(items)
+            }};
+        }
+        Ok(match item {
+            0 => items!(U8, self.take(1)?[0]),
+            1 => items!(I8, self.take(1)?[0] as i8),
+            2 => items!(
+                U16,
+                u16::from_le_bytes(self.take(2)?.try_into().expect("2"))
+            ),
+            3 => items!(
+                I16,
+                i16::from_le_bytes(self.take(2)?.try_into().expect("2"))
+            ),
+            4 => items!(U32, self.u32()?),
+            5 => items!(I32, self.u32()? as i32),
+            6 => items!(F32, f32::from_bits(self.u32()?)),
+            7 => items!(Bool, self.take(1)?[0] != 0),
+            8 => items!(String, self.string()?),
+            9 => items!(Array, self.array(depth + 1)?),
+            10 => items!(U64, self.u64()?),
+            11 => items!(I64, self.u64()? as i64),
+            _ => items!(F64, f64::from_bits(self.u64()?)),
         })
     }
 }
@@ -228,10 +372,7 @@ impl GgufFile {
     /// unsupported version or quant type, counts or offsets beyond the file, or truncated data.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: read-only map; the file is not expected to change while open.
-        let bytes = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::parse(bytes, &path.display().to_string())
+        Self::parse(map_file(path)?, &path.display().to_string())
     }
 
     fn parse(bytes: Mmap, source_name: &str) -> Result<Self> {
@@ -253,7 +394,7 @@ impl GgufFile {
         for _ in 0..kv_count {
             let key = r.string()?;
             let kind = r.u32()?;
-            let value = r.value(kind, 0)?;
+            let value = r.value(kind)?;
             metadata.insert(key, value);
         }
         let mut raw = Vec::with_capacity(tensor_count);
@@ -527,8 +668,35 @@ impl GgufFile {
             bos_token_id: None,
             eos_token_id: None,
         };
-        hf.resolve()
+        hf.resolve().map_err(|e| match e {
+            Error::InvalidConfig(msg) => Error::Gguf {
+                source_name: self.source_name.clone(),
+                reason: format!("invalid metadata: {}", name_metadata_keys(&msg)),
+            },
+            other => other,
+        })
     }
+}
+
+/// Where each `config.json` field of [`GgufFile::decoder_config`] comes from in the metadata.
+const CONFIG_KEYS: [(&str, &str); 10] = [
+    ("hidden_size", "embedding_length"),
+    ("intermediate_size", "feed_forward_length"),
+    ("num_hidden_layers", "block_count"),
+    ("num_attention_heads", "attention.head_count"),
+    ("num_key_value_heads", "attention.head_count_kv"),
+    ("head_dim", "rope.dimension_count"),
+    ("vocab_size", "vocab_size"),
+    ("max_position_embeddings", "context_length"),
+    ("rms_norm_eps", "attention.layer_norm_rms_epsilon"),
+    ("rope_theta", "rope.freq_base"),
+];
+
+/// A configuration error message with each `config.json` field followed by its GGUF key.
+fn name_metadata_keys(msg: &str) -> String {
+    CONFIG_KEYS.iter().fold(msg.to_string(), |msg, (hf, gguf)| {
+        msg.replace(&format!("`{hf}`"), &format!("`{hf}` (`<arch>.{gguf}`)"))
+    })
 }
 
 /// A GGUF file seen through transformers' tensor names and layout (Q/K rows un-permuted for

@@ -102,6 +102,10 @@ impl Projection {
     }
 }
 
+/// The largest LoRA rank devft accepts (ranks above a model's width add nothing; this bound
+/// keeps a rank read from a file from sizing an allocation the process cannot survive).
+pub const MAX_LORA_RANK: usize = 1 << 16;
+
 /// LoRA hyper-parameters, with PEFT's names and meanings.
 #[derive(Config, Debug, PartialEq)]
 pub struct LoraConfig {
@@ -127,13 +131,14 @@ impl LoraConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] when `r` is 0, `lora_alpha` is not finite, the dropout is outside
+    /// [`Error::InvalidConfig`] when `r` is 0 or above [`MAX_LORA_RANK`], `lora_alpha` is not finite, the dropout is outside
     /// `[0, 1)`, or no target is given.
     pub fn validate(&self) -> crate::Result<()> {
-        if self.r == 0 {
-            return Err(Error::InvalidConfig(
-                "LoRA rank `r` must be positive".into(),
-            ));
+        if self.r == 0 || self.r > MAX_LORA_RANK {
+            return Err(Error::InvalidConfig(format!(
+                "LoRA rank `r` ({}) must lie in 1..={MAX_LORA_RANK}",
+                self.r
+            )));
         }
         if !self.lora_alpha.is_finite() {
             return Err(Error::InvalidConfig("`lora_alpha` must be finite".into()));

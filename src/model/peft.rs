@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::causal_lm::CausalLm;
+use crate::model::decoder::projection_dims;
 use crate::model::lora::{LoraConfig, Projection};
 use crate::params::ParamMap;
 
@@ -64,6 +65,45 @@ pub struct PeftAdapterConfig {
     /// Whether the adapter is for inference only.
     #[serde(default)]
     pub inference_mode: bool,
+    /// Every other key of the file. Keys in [`PEFT_OPTIONS_WITHOUT_MATH`] are accepted with
+    /// any value; any other key must hold a neutral value (`null`, `false`, `[]` or `{}`),
+    /// since a set option changes what the adapter computes (`lora_bias`, `use_qalora`,
+    /// `layer_replication`, `exclude_modules`, ...) and devft refuses what it does not
+    /// implement rather than ignore it.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// PEFT `adapter_config.json` keys that do not change what a saved LoRA adapter computes
+/// (bookkeeping, initialisation schemes, training-time parallelism), accepted with any value.
+pub const PEFT_OPTIONS_WITHOUT_MATH: [&str; 11] = [
+    "peft_version",
+    "revision",
+    "auto_mapping",
+    "init_lora_weights",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "megatron_config",
+    "megatron_core",
+    "runtime_config",
+];
+
+/// Options that only matter together with another one devft refuses when set
+/// (`layers_pattern` with `layers_to_transform`, `qalora_group_size` with `use_qalora`,
+/// `ensure_weight_tying` with trainable embeddings), accepted with any value.
+const PEFT_OPTIONS_ONLY_WITH_REFUSED: [&str; 3] =
+    ["layers_pattern", "qalora_group_size", "ensure_weight_tying"];
+
+/// Whether a JSON value leaves a PEFT option off.
+fn is_neutral(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Null | serde_json::Value::Bool(false) => true,
+        serde_json::Value::Array(items) => items.is_empty(),
+        serde_json::Value::Object(map) => map.is_empty(),
+        _ => false,
+    }
 }
 
 fn default_bias() -> String {
@@ -95,6 +135,7 @@ impl PeftAdapterConfig {
             task_type: Some("CAUSAL_LM".into()),
             base_model_name_or_path: None,
             inference_mode: true,
+            other: Default::default(),
         }
     }
 
@@ -102,7 +143,8 @@ impl PeftAdapterConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidAdapter`] naming the unsupported field.
+    /// [`Error::InvalidAdapter`] naming the unsupported field: any option that is set and
+    /// is not one devft implements or one of [`PEFT_OPTIONS_WITHOUT_MATH`].
     pub fn to_lora(&self) -> Result<LoraConfig> {
         let unsupported =
             |what: &str| Err(Error::InvalidAdapter(format!("{what} is not supported")));
@@ -133,6 +175,17 @@ impl PeftAdapterConfig {
         }
         if self.modules_to_save.as_ref().is_some_and(|v| !v.is_null()) {
             return unsupported("modules_to_save");
+        }
+        let accepted = |key: &str| {
+            PEFT_OPTIONS_WITHOUT_MATH.contains(&key)
+                || PEFT_OPTIONS_ONLY_WITH_REFUSED.contains(&key)
+        };
+        if let Some((key, value)) = self
+            .other
+            .iter()
+            .find(|(key, value)| !accepted(key) && !is_neutral(value))
+        {
+            return unsupported(&format!("option `{key}` = {value}"));
         }
         let names = self.target_modules.as_array().ok_or_else(|| {
             Error::InvalidAdapter("target_modules must be a list of module names".into())
@@ -217,6 +270,26 @@ pub fn import_adapter(model: &CausalLm, dir: impl AsRef<Path>) -> Result<CausalL
             )));
         }
         params.insert(inner, tensor);
+    }
+    // Every adapter tensor must be present with its full shape before any is allocated, so
+    // that a rank in the config costs memory only if the file really holds it.
+    for layer in 0..model.num_layers() {
+        for &projection in &lora.target_modules {
+            let [d_in, d_out] = projection_dims(model.config(), projection);
+            for (factor, shape) in [("lora_A", [lora.r, d_in]), ("lora_B", [d_out, lora.r])] {
+                let name = format!("model.layers.{layer}.{}.{factor}.weight", projection.path());
+                let tensor = params.get(&name).ok_or_else(|| Error::MissingTensor {
+                    name: format!("{PEFT_KEY_PREFIX}{name}"),
+                })?;
+                if tensor.shape() != shape {
+                    return Err(Error::ShapeMismatch {
+                        name: format!("{PEFT_KEY_PREFIX}{name}"),
+                        expected: shape.to_vec(),
+                        found: tensor.shape().to_vec(),
+                    });
+                }
+            }
+        }
     }
     let mut model = model.clone().with_lora(&lora, 0)?;
     model
