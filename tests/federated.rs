@@ -756,3 +756,48 @@ fn a_scheduler_planning_a_stage_without_rounds_is_refused_before_training() {
         "{err}"
     );
 }
+
+#[test]
+fn dp_over_flora_merges_like_flora_and_boxed_aggregators_are_aggregators() {
+    use devft::aggregate::DpFixedClipping;
+    fn assert_send<T: Send>(_: &T) {}
+    let (clients, eval) = data();
+    let run_with = |aggregator: Box<dyn Aggregator>| {
+        assert_send(&aggregator);
+        FederatedRun::new(
+            config(4),
+            devft_three_stages_short(),
+            aggregator,
+            clients.clone(),
+            eval.clone(),
+        )
+        .unwrap()
+        .run(model(), &device().autodiff())
+        .unwrap()
+    };
+    let flora = run_with(Box::new(Flora));
+    // No noise and a clipping norm no update reaches: DP must change nothing, which it can
+    // only if it forwards FLoRA's merging to the loop (once it failed with a shape mismatch).
+    let inner: Box<dyn Aggregator> = Box::new(Flora);
+    let dp = DpFixedClipping::new(inner, 0.0, 1e30, 3, 0).unwrap();
+    assert!(dp.merges_into_base());
+    let wrapped = run_with(Box::new(dp));
+    // Equal up to the f64 round trip of DP's clipping, `g + (w - g)`.
+    let largest_difference = |a: &ParamMap, b: &ParamMap| {
+        assert_eq!(a.names().collect::<Vec<_>>(), b.names().collect::<Vec<_>>());
+        a.iter()
+            .flat_map(|(name, t)| t.values().iter().zip(b.get(name).unwrap().values()))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let weights = largest_difference(
+        &wrapped.model.projection_weights(),
+        &flora.model.projection_weights(),
+    );
+    let adapters = largest_difference(&wrapped.model.lora_params(), &flora.model.lora_params());
+    assert!(weights < 1e-5 && adapters < 1e-5, "{weights} {adapters}");
+    assert_ne!(
+        flora.model.projection_weights(),
+        model().projection_weights()
+    );
+}

@@ -164,4 +164,8 @@ impl<A: Aggregator> Aggregator for DpFixedClipping<A> {
     fn reset(&mut self) {
         self.inner.reset();
     }
+
+    fn merges_into_base(&self) -> bool {
+        self.inner.merges_into_base()
+    }
 }

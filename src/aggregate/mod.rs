@@ -107,7 +107,7 @@ pub struct ClientInstructions {
 /// assert_eq!(new.get("w").unwrap().values(), &[2.0]);
 /// # Ok::<(), devft::Error>(())
 /// ```
-pub trait Aggregator {
+pub trait Aggregator: Send {
     /// A short name for logs and metrics.
     fn name(&self) -> String;
 
@@ -159,6 +159,38 @@ pub trait Aggregator {
     /// ([`crate::transfer::transfer_merged_weights`]).
     fn merges_into_base(&self) -> bool {
         false
+    }
+}
+
+/// A boxed aggregator (`Box<dyn Aggregator>` included) is an aggregator: every method is
+/// forwarded, so wrappers such as [`DpFixedClipping`] take one chosen at run time.
+impl<A: Aggregator + ?Sized> Aggregator for Box<A> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+
+    fn client_instructions(&self) -> ClientInstructions {
+        (**self).client_instructions()
+    }
+
+    fn aggregate(&mut self, global: &ParamMap, updates: &[ClientUpdate]) -> Result<ParamMap> {
+        (**self).aggregate(global, updates)
+    }
+
+    fn state(&self) -> ParamMap {
+        (**self).state()
+    }
+
+    fn load_state(&mut self, state: &ParamMap) -> Result<()> {
+        (**self).load_state(state)
+    }
+
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+
+    fn merges_into_base(&self) -> bool {
+        (**self).merges_into_base()
     }
 }
 

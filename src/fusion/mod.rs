@@ -53,7 +53,7 @@ use crate::params::{HostTensor, ParamMap};
 /// assert_eq!(fused.get("w").unwrap().values(), &[2.0, -2.0]);
 /// # Ok::<(), devft::Error>(())
 /// ```
-pub trait LayerFuser {
+pub trait LayerFuser: Send {
     /// Fuses the group's tensors called `name` into one. `members[0]` is the anchor's (the
     /// group's smallest layer index), the rest follow in layer order; all have the same shape.
     ///

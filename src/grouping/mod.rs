@@ -195,7 +195,7 @@ impl LayerSource for CausalLm {
 /// assert_eq!(grouping.groups(), &[vec![0, 1, 2, 3], vec![4], vec![5]]);
 /// # Ok::<(), devft::Error>(())
 /// ```
-pub trait LayerGrouper {
+pub trait LayerGrouper: Send {
     /// Partitions the layers of `layers` into exactly `k` groups.
     ///
     /// # Errors

@@ -64,7 +64,7 @@ pub struct StageOutcome {
 /// assert_eq!(plan[0], Stage { capacity: 8, rounds: 5 });
 /// # Ok::<(), devft::Error>(())
 /// ```
-pub trait StageScheduler {
+pub trait StageScheduler: Send {
     /// The stages for a model of `num_layers` layers and a budget of `total_rounds` rounds:
     /// capacities non-decreasing, the last equal to `num_layers`, every stage at least one
     /// round, rounds adding up to `total_rounds`.
