@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use devft::aggregate::{Aggregator, ClientUpdate, FedAvg, FedProx, Flora};
-use devft::data::{ByteEncoder, TokenizedExample, load_alpaca, partition_iid, tokenize_examples};
 use devft::federated::{
     Fault, FederatedConfig, FederatedRun, LocalTrainingConfig, RandomFailures, RoundMetrics,
     RunOutcome, Strategy, evaluate_loss,
@@ -16,25 +15,8 @@ use devft::fusion::DifferentialFuser;
 use devft::grouping::{Grouping, SpectralGrouper};
 use devft::model::{CausalLm, LoraConfig};
 use devft::schedule::ExplicitScheduler;
-use devft::tokenizer::PromptTemplate;
 use devft::transfer::{build_submodel, transfer_merged_weights};
 use devft::{HostTensor, ParamMap};
-
-fn data() -> (Vec<Vec<TokenizedExample>>, Vec<TokenizedExample>) {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/data/tiny_instructions.jsonl"
-    );
-    let examples = load_alpaca(path, PromptTemplate::Alpaca).unwrap();
-    let tokenized = tokenize_examples(&examples, &ByteEncoder, 64).unwrap();
-    let (eval, train) = tokenized.split_at(24);
-    let parts = partition_iid(train.len(), 6, 0).unwrap();
-    let clients = parts
-        .iter()
-        .map(|p| p.iter().map(|&i| train[i].clone()).collect())
-        .collect();
-    (clients, eval.to_vec())
-}
 
 fn model() -> CausalLm {
     CausalLm::load(tiny_llama_dir(), &device())
@@ -66,14 +48,14 @@ fn run(
     config: FederatedConfig,
     configure: impl FnOnce(FederatedRun) -> FederatedRun,
 ) -> RunOutcome {
-    let (clients, eval) = data();
+    let (clients, eval) = tiny_federated_data();
     let mut run =
         configure(FederatedRun::new(config, strategy, Box::new(FedAvg), clients, eval).unwrap());
     run.run(model(), &device().autodiff()).unwrap()
 }
 
 fn initial_eval_loss() -> f64 {
-    let (_, eval) = data();
+    let (_, eval) = tiny_federated_data();
     evaluate_loss(&model(), &eval, 8, 0).unwrap()
 }
 
@@ -105,7 +87,7 @@ fn devft_and_fedit_both_learn_and_devft_stage_one_sends_a_quarter() {
             "{name}: eval loss {before} -> {after}"
         );
         // The returned model carries the learning: evaluate it independently of the loop.
-        let (_, eval) = data();
+        let (_, eval) = tiny_federated_data();
         let direct = evaluate_loss(&outcome.model, &eval, 8, 0).unwrap();
         assert!((direct - after).abs() < 1e-5, "{name}: {direct} vs {after}");
     }
@@ -238,7 +220,7 @@ fn too_few_successful_clients_keep_the_global_unchanged() {
 
 #[test]
 fn fedprox_runs_through_the_aggregator_trait() {
-    let (clients, eval) = data();
+    let (clients, eval) = tiny_federated_data();
     let before = initial_eval_loss();
     let mut run = FederatedRun::new(
         config(4),
@@ -261,7 +243,7 @@ fn devft_three_stages_short() -> Strategy {
 
 #[test]
 fn invalid_run_settings_are_rejected() {
-    let (clients, eval) = data();
+    let (clients, eval) = tiny_federated_data();
     let err = FederatedRun::new(
         config(4).with_clients_per_round(7),
         Strategy::fedit(),
@@ -286,7 +268,7 @@ fn invalid_run_settings_are_rejected() {
         devft_three_stages(),
         Box::new(FedAvg),
         clients,
-        data().1,
+        tiny_federated_data().1,
     )
     .unwrap();
     assert!(matches!(
@@ -324,7 +306,7 @@ fn fedsa_lora_sends_only_a_keeps_b_per_client_and_resumes_exactly() {
         .filter(|(n, _)| is_lora_a(n))
         .map(|(_, t)| t.len())
         .sum();
-    let (clients, eval) = data();
+    let (clients, eval) = tiny_federated_data();
     let fresh = || {
         FederatedRun::new(
             config(4),
@@ -515,7 +497,7 @@ fn merged_weights_transfer_to_every_member_of_their_group() {
 fn flora_learns_in_the_devft_loop_sends_the_stack_down_and_resumes_bit_for_bit() {
     let before = initial_eval_loss();
     let per_layer_values = model().lora_params().num_values() / 8;
-    let (clients, eval) = data();
+    let (clients, eval) = tiny_federated_data();
     let fresh = || {
         FederatedRun::new(
             config(6),
@@ -623,7 +605,7 @@ fn resume_after_editing(
 ) -> devft::Result<RunOutcome> {
     let dir = tempfile::tempdir().unwrap();
     let fresh = || {
-        let (clients, eval) = data();
+        let (clients, eval) = tiny_federated_data();
         FederatedRun::new(
             config(4),
             devft_three_stages_short(),
@@ -744,7 +726,7 @@ fn a_scheduler_planning_a_stage_without_rounds_is_refused_before_training() {
             ])
         }
     }
-    let (clients, eval) = data();
+    let (clients, eval) = tiny_federated_data();
     let strategy = Strategy {
         scheduler: Box::new(ZeroRounds),
         ..devft_three_stages()
@@ -761,7 +743,7 @@ fn a_scheduler_planning_a_stage_without_rounds_is_refused_before_training() {
 fn dp_over_flora_merges_like_flora_and_boxed_aggregators_are_aggregators() {
     use devft::aggregate::DpFixedClipping;
     fn assert_send<T: Send>(_: &T) {}
-    let (clients, eval) = data();
+    let (clients, eval) = tiny_federated_data();
     let run_with = |aggregator: Box<dyn Aggregator>| {
         assert_send(&aggregator);
         FederatedRun::new(

@@ -6,6 +6,8 @@ pub mod reference;
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Int, Tensor};
+use devft::data::{ByteEncoder, TokenizedExample, load_alpaca, partition_iid, tokenize_examples};
+use devft::tokenizer::PromptTemplate;
 
 /// `tests/fixtures/tiny-llama`: a copy of `shared/fixtures/tiny-llama` (transformers + PEFT).
 pub fn tiny_llama_dir() -> PathBuf {
@@ -58,4 +60,22 @@ pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         .convert::<f32>()
         .try_into_vec::<f32>()
         .unwrap()
+}
+
+/// The in-repo instruction data (`tests/fixtures/data/tiny_instructions.jsonl`), byte-tokenised
+/// to 64 tokens: six IID clients, and the first 24 examples held out for evaluation.
+pub fn tiny_federated_data() -> (Vec<Vec<TokenizedExample>>, Vec<TokenizedExample>) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/data/tiny_instructions.jsonl"
+    );
+    let examples = load_alpaca(path, PromptTemplate::Alpaca).unwrap();
+    let tokenized = tokenize_examples(&examples, &ByteEncoder, 64).unwrap();
+    let (eval, train) = tokenized.split_at(24);
+    let parts = partition_iid(train.len(), 6, 0).unwrap();
+    let clients = parts
+        .iter()
+        .map(|p| p.iter().map(|&i| train[i].clone()).collect())
+        .collect();
+    (clients, eval.to_vec())
 }
