@@ -766,15 +766,14 @@ fn split_personal(
 
 /// Applies an injected message fault to the bytes a client sends.
 fn corrupt(bytes: &mut Vec<u8>, fault: Option<&Fault>, max_bytes: usize) {
-    let rewrite = |bytes: &mut Vec<u8>, poison: &dyn Fn(&mut [f32])| {
+    // `poison(i, values)` edits the values of the `i`-th tensor (in name order).
+    let rewrite = |bytes: &mut Vec<u8>, poison: &dyn Fn(usize, &mut [f32])| {
         if let Ok(params) = ParamMap::from_safetensors_bytes(bytes, "fault") {
             let poisoned: ParamMap = params
                 .into_iter()
                 .enumerate()
                 .map(|(i, (name, mut tensor)): (usize, (String, HostTensor))| {
-                    if i == 0 || !matches!(fault, Some(Fault::NanUpdate)) {
-                        poison(tensor.values_mut());
-                    }
+                    poison(i, tensor.values_mut());
                     (name, tensor)
                 })
                 .collect();
@@ -786,12 +785,12 @@ fn corrupt(bytes: &mut Vec<u8>, fault: Option<&Fault>, max_bytes: usize) {
     match fault {
         Some(Fault::TruncatedUpdate) => bytes.truncate(bytes.len() / 2),
         Some(Fault::OversizedUpdate) => bytes.resize(max_bytes + 1, 0),
-        Some(Fault::NanUpdate) => rewrite(bytes, &|values| {
-            if let Some(first) = values.first_mut() {
+        Some(Fault::NanUpdate) => rewrite(bytes, &|i, values| {
+            if let (0, Some(first)) = (i, values.first_mut()) {
                 *first = f32::NAN;
             }
         }),
-        Some(Fault::HugeUpdate) => rewrite(bytes, &|values| values.fill(3e38)),
+        Some(Fault::HugeUpdate) => rewrite(bytes, &|_, values| values.fill(3e38)),
         _ => {}
     }
 }
