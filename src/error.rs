@@ -110,6 +110,15 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A protocol message is malformed, truncated, oversized, of another kind or version, or
+    /// inconsistent with its header.
+    #[error("invalid message from {sender}: {reason}")]
+    InvalidMessage {
+        /// Who sent it.
+        sender: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A caller passed an argument outside its documented domain.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

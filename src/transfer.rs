@@ -5,7 +5,8 @@
 //! adapter back to every member of its group, so that the full model carries the stage's
 //! knowledge into the next grouping. Aggregators that merge into the base weights (FLoRA)
 //! train the fused layers' projections themselves; [`transfer_merged_weights`] carries that
-//! change back.
+//! change back, and [`transfer_merge`] does the same one merge adapter at a time (what a
+//! remote client can replay from the merges it was sent).
 
 use burn::module::Param;
 
@@ -13,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::fusion::{LayerFuser, fuse_layers};
 use crate::grouping::Grouping;
 use crate::model::{CausalLm, DecoderLayer, Projection};
+use crate::params::ParamMap;
 
 fn check_covers(grouping: &Grouping, model: &CausalLm) -> Result<()> {
     if grouping.num_layers() != model.num_layers() {
@@ -134,4 +136,33 @@ pub fn transfer_merged_weights(
     }
     model.layers = layers;
     Ok(())
+}
+
+/// Merges `merge`, a merge adapter of a submodel built from `grouping` (named as
+/// [`CausalLm::lora_params`] names the submodel's layers, any rank), into every member layer
+/// of its group: `scaling * A B` of fused layer `g` is added to the projection weights of
+/// each layer of group `g` ([`CausalLm::merge_adapter`]). Replaying a stage's merges this way
+/// gives, up to float rounding, what [`transfer_merged_weights`] gives from the trained
+/// submodel.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] when the grouping does not cover the model,
+/// [`Error::UnexpectedTensor`] for a name outside the submodel, and the errors of
+/// [`CausalLm::merge_adapter`]. On error `model` is unchanged.
+pub fn transfer_merge(model: &mut CausalLm, grouping: &Grouping, merge: &ParamMap) -> Result<()> {
+    check_covers(grouping, model)?;
+    let mut expanded = ParamMap::new();
+    for (name, tensor) in merge.iter() {
+        let slot = crate::model::split_layer_name(name).filter(|(g, _)| *g < grouping.len());
+        let Some((group, inner)) = slot else {
+            return Err(Error::UnexpectedTensor {
+                name: name.to_string(),
+            });
+        };
+        for member in &grouping.groups()[group] {
+            expanded.insert(format!("model.layers.{member}.{inner}"), tensor.clone());
+        }
+    }
+    model.merge_adapter(&expanded)
 }

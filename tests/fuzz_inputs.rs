@@ -1840,14 +1840,12 @@ fn latest_round(dir: &Path) -> PathBuf {
     dir.join(std::fs::read_to_string(dir.join("LATEST")).unwrap().trim())
 }
 
-const CHECKPOINT_TENSORS: [&str; 7] = [
+const CHECKPOINT_TENSORS: [&str; 5] = [
     "stage_start_lora",
     "global",
     "aggregator",
     "personal",
-    "model_weights",
-    "submodel_weights",
-    "pending_merge",
+    "merges",
 ];
 
 /// Which checkpoint a case starts from.

@@ -61,6 +61,15 @@ pub struct ClientInstructions {
     pub personal_lora_b: bool,
 }
 
+impl ClientInstructions {
+    /// Whether the adapter tensor `name` stays on the client instead of travelling (FedSA-LoRA's
+    /// `B`). Such a tensor starts from the stage's fused value on each client and then stays
+    /// there; the server fills it from the global adapter before aggregating a reply.
+    pub fn keeps_on_client(&self, name: &str) -> bool {
+        self.personal_lora_b && !is_lora_a(name)
+    }
+}
+
 /// Combines client updates into a new global adapter.
 ///
 /// # Example

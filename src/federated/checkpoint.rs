@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -36,6 +38,17 @@ pub(crate) struct RunState {
     pub ledger: Ledger,
     /// Finished stages.
     pub stage_outcomes: Vec<StageOutcome>,
+    /// Each finished stage's grouping and number of merges into the base (merging
+    /// aggregators; zero otherwise).
+    #[serde(default)]
+    pub history: Vec<(Grouping, usize)>,
+    /// Merges into the base made so far in the current stage.
+    #[serde(default)]
+    pub merges_in_stage: usize,
+    /// Clients holding the current stage's set-up, with the number of its merges each was
+    /// sent.
+    #[serde(default)]
+    pub synced: BTreeMap<usize, usize>,
 }
 
 /// What a checkpoint must agree with to be resumed by a run.
@@ -111,6 +124,40 @@ impl RunState {
                 run.num_layers
             ));
         }
+        if self.history.len() != self.stage {
+            return Err(format!(
+                "{} stages done, but the history records {}",
+                self.stage,
+                self.history.len()
+            ));
+        }
+        for (s, (grouping, merges)) in self.history.iter().enumerate() {
+            if grouping.num_layers() != run.num_layers
+                || grouping.len() != self.plan[s].capacity
+                || *merges > self.plan[s].rounds
+            {
+                return Err(format!(
+                    "stage {s}'s history ({} groups of {} layers, {merges} merges) does not \
+                     fit its plan",
+                    grouping.len(),
+                    grouping.num_layers()
+                ));
+            }
+        }
+        if self.merges_in_stage > self.rounds_done_in_stage {
+            return Err(format!(
+                "{} merges after {} rounds of the stage",
+                self.merges_in_stage, self.rounds_done_in_stage
+            ));
+        }
+        let stale = |(&client, &merges): (&usize, &usize)| {
+            client >= run.num_clients || merges > self.merges_in_stage
+        };
+        if (self.rounds_done_in_stage == 0 && !self.synced.is_empty())
+            || self.synced.iter().any(stale)
+        {
+            return Err("its clients' synchronisation does not fit the stage".into());
+        }
         if self.rounds_done_in_stage > 0 && self.grouping.len() != self.plan[self.stage].capacity {
             return Err(format!(
                 "its grouping has {} groups, stage {} has capacity {}",
@@ -135,12 +182,9 @@ pub(crate) struct Checkpoint {
     pub aggregator: ParamMap,
     /// Per-client state kept on the clients (FedSA-LoRA's `B`), named `client.{id}.{name}`.
     pub personal: ParamMap,
-    /// Merging aggregators (FLoRA): the full model's projection weights (empty otherwise).
-    pub model_weights: ParamMap,
-    /// Merging aggregators, mid-stage: the submodel's projection weights (empty otherwise).
-    pub submodel_weights: ParamMap,
-    /// Merging aggregators, mid-stage: the aggregate the next round merges.
-    pub pending_merge: ParamMap,
+    /// Merging aggregators (FLoRA): every merge into the base so far, named
+    /// `{stage}.{merge}.{name}` (empty otherwise).
+    pub merges: ParamMap,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -238,22 +282,18 @@ impl Checkpoint {
             global: load("global")?,
             aggregator: load("aggregator")?,
             personal: load("personal")?,
-            model_weights: load("model_weights")?,
-            submodel_weights: load("submodel_weights")?,
-            pending_merge: load("pending_merge")?,
+            merges: load("merges")?,
         }))
     }
 
     /// Every tensor map with its file name (without `.safetensors`).
-    fn tensor_files(&self) -> [(&'static str, &ParamMap); 7] {
+    fn tensor_files(&self) -> [(&'static str, &ParamMap); 5] {
         [
             ("stage_start_lora", &self.stage_start_lora),
             ("global", &self.global),
             ("aggregator", &self.aggregator),
             ("personal", &self.personal),
-            ("model_weights", &self.model_weights),
-            ("submodel_weights", &self.submodel_weights),
-            ("pending_merge", &self.pending_merge),
+            ("merges", &self.merges),
         ]
     }
 }

@@ -23,8 +23,11 @@ pub struct RoundMetrics {
     pub eval_loss: Option<f64>,
     /// Client-to-server bytes this round.
     pub bytes_up: WireSize,
-    /// Server-to-client bytes this round.
+    /// Server-to-client bytes of this round's tasks.
     pub bytes_down: WireSize,
+    /// Server-to-client bytes of stage set-ups sent this round (to clients new to the stage).
+    #[serde(default)]
+    pub bytes_setup: WireSize,
     /// Wall-clock seconds of the round (training, aggregation, evaluation; in a stage's first
     /// round also the stage's set-up: grouping and fusion).
     pub wall_seconds: f64,
@@ -32,12 +35,16 @@ pub struct RoundMetrics {
     /// round's federated work (clients' local training, coding, aggregation).
     #[serde(default)]
     pub eval_seconds: f64,
-    /// Estimated training memory of one client in bytes: the submodel's parameters, the
-    /// trainable values with their gradients and two AdamW moments, and the activations of
-    /// one batch.
+    /// Estimated training memory in bytes, the largest the round's clients report: the
+    /// submodel's parameters, the trainable values with their gradients and two AdamW
+    /// moments, and the activations of one batch of the client's longest examples.
     pub memory_bytes: u64,
-    /// Whether the global adapter changed (false when too few clients succeeded).
+    /// Whether the global adapter changed (false when too few clients succeeded or the
+    /// aggregator failed).
     pub aggregated: bool,
+    /// Why the aggregator failed this round, if it did.
+    #[serde(default)]
+    pub aggregation_error: Option<String>,
 }
 
 /// Bytes exchanged with each client in each round.
@@ -56,8 +63,14 @@ pub struct LedgerEntry {
     pub client: usize,
     /// Client to server.
     pub up: WireSize,
-    /// Server to client.
+    /// Server to client: the task.
     pub down: WireSize,
+    /// Server to client: the stage set-up, when the client was new to the stage.
+    #[serde(default)]
+    pub setup: WireSize,
+    /// Whether this is traffic of a federated evaluation rather than of training.
+    #[serde(default)]
+    pub evaluation: bool,
 }
 
 impl Ledger {
@@ -70,6 +83,24 @@ impl Ledger {
             down += e.down;
         }
         (up, down)
+    }
+
+    /// Stage set-up bytes of one round.
+    pub fn round_setup(&self, round: usize) -> WireSize {
+        let mut setup = WireSize::default();
+        for e in self.entries.iter().filter(|e| e.round == round) {
+            setup += e.setup;
+        }
+        setup
+    }
+
+    /// Stage set-up bytes over all entries.
+    pub fn setup_total(&self) -> WireSize {
+        let mut setup = WireSize::default();
+        for e in &self.entries {
+            setup += e.setup;
+        }
+        setup
     }
 
     /// Totals of one round: `(up, down)`.

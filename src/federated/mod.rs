@@ -12,18 +12,25 @@
 //! stage ([`Strategy::fedit`]).
 
 mod checkpoint;
+mod client;
 mod evaluate;
 mod faults;
 mod local;
 mod metrics;
+pub mod protocol;
 mod runner;
+mod server;
+mod stage_model;
 pub mod wire;
 
+pub use client::Client;
 pub use evaluate::evaluate_loss;
 pub use faults::{Fault, FaultInjector, RandomFailures};
 pub use local::{LocalOutcome, LocalTrainingConfig, train_local};
 pub use metrics::{Ledger, LedgerEntry, RoundMetrics};
 pub use runner::{FederatedRun, RunOutcome};
+pub use server::{ClientTask, Evaluation, PersonalState, RoundTasks, Server};
+pub use stage_model::{StageModel, full_model};
 pub use wire::WireSize;
 
 use burn::config::Config;

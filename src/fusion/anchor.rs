@@ -9,6 +9,10 @@ use crate::params::HostTensor;
 pub struct AnchorFuser;
 
 impl LayerFuser for AnchorFuser {
+    fn describe(&self) -> String {
+        "anchor".to_string()
+    }
+
     fn fuse_tensor(&self, _name: &str, members: &[&HostTensor]) -> Result<HostTensor> {
         Ok(members[0].clone())
     }

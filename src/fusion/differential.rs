@@ -52,6 +52,10 @@ impl DifferentialFuser {
 }
 
 impl LayerFuser for DifferentialFuser {
+    fn describe(&self) -> String {
+        format!("differential(beta={})", self.beta)
+    }
+
     fn fuse_tensor(&self, _name: &str, members: &[&HostTensor]) -> Result<HostTensor> {
         Ok(differential(members, self.beta))
     }

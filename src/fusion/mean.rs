@@ -9,6 +9,10 @@ use crate::params::HostTensor;
 pub struct MeanFuser;
 
 impl LayerFuser for MeanFuser {
+    fn describe(&self) -> String {
+        "mean".to_string()
+    }
+
     fn fuse_tensor(&self, _name: &str, members: &[&HostTensor]) -> Result<HostTensor> {
         Ok(differential(members, 1.0 / members.len() as f64))
     }

@@ -61,6 +61,13 @@ pub trait LayerFuser: Send {
     ///
     /// Implementation-specific; the provided fusers do not fail on valid input.
     fn fuse_tensor(&self, name: &str, members: &[&HostTensor]) -> Result<HostTensor>;
+
+    /// The fuser and its parameters in a few words, e.g. `differential(beta=0.1)`. It travels
+    /// in a stage's set-up message, and a client refuses a stage built by another fuser than
+    /// its own. Default: the type's name.
+    fn describe(&self) -> String {
+        std::any::type_name::<Self>().to_string()
+    }
 }
 
 /// Fuses whole layers given as parameter maps (the anchor first), tensor by tensor.

@@ -97,7 +97,7 @@ fn layer_prefix(index: usize) -> String {
 }
 
 /// Splits `model.layers.{i}.{inner}` into `(i, inner)`; `i` must be written canonically.
-fn split_layer_name(name: &str) -> Option<(usize, &str)> {
+pub(crate) fn split_layer_name(name: &str) -> Option<(usize, &str)> {
     let (index, inner) = name.strip_prefix("model.layers.")?.split_once('.')?;
     Some((parse_index(index)?, inner))
 }

@@ -20,6 +20,7 @@ mod rope;
 mod score;
 
 pub use attention::{AttentionContext, LayerCache, SelfAttention};
+pub(crate) use causal_lm::split_layer_name;
 pub use causal_lm::{CausalLm, KvCache};
 pub use checkpoint::Checkpoint;
 pub use config::{DecoderConfig, HfConfig, RopeParameters, RopeScaling, TokenIds, limits};

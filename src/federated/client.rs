@@ -1,0 +1,203 @@
+//! A federated client: its data, its personal state, local training and evaluation.
+
+use std::collections::BTreeMap;
+
+use burn::module::Module;
+use burn::tensor::Device;
+
+use crate::data::TokenizedExample;
+use crate::error::{Error, Result};
+use crate::federated::evaluate::evaluate_loss;
+use crate::federated::local::train_local;
+use crate::federated::protocol::{EvaluateReply, EvaluateTask, TrainReply, TrainTask};
+use crate::federated::stage_model::StageModel;
+use crate::model::CausalLm;
+use crate::params::ParamMap;
+
+/// One participant of a run. It owns its training examples and what the aggregator keeps on
+/// clients (FedSA-LoRA's `B`); the stage's model comes from its device ([`StageModel`]).
+///
+/// ```no_run
+/// use devft::federated::protocol::{Message, StageSetup, TrainTask};
+/// use devft::federated::{Client, StageModel};
+/// use devft::fusion::DifferentialFuser;
+/// # fn receive() -> Vec<u8> { vec![] }
+/// # fn send(_: Vec<u8>) {}
+/// # fn examples() -> Vec<devft::data::TokenizedExample> { vec![] }
+///
+/// let device = devft::device::default_device()?;
+/// let base = devft::model::CausalLm::load("model-dir", &device)?
+///     .with_lora(&devft::model::LoraConfig::new(8, 16.0), 0)?;
+/// let setup = StageSetup::from_bytes(&receive(), usize::MAX, "server")?;
+/// let mut stage = StageModel::build(&base, &setup, &DifferentialFuser::default())?;
+/// let mut client = Client::new(3, examples());
+/// let task = TrainTask::from_bytes(&receive(), usize::MAX, "server")?;
+/// let reply = client.train(&mut stage, &task, &device.clone().autodiff())?;
+/// send(devft::federated::protocol::Message::to_bytes(&reply)?);
+/// # Ok::<(), devft::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    id: usize,
+    examples: Vec<TokenizedExample>,
+    /// The stage the personal tensors belong to, and the tensors.
+    personal: Option<(usize, ParamMap)>,
+}
+
+impl Client {
+    /// Client `id` holding `examples`. A client without examples fails every training task
+    /// with a clear error, as a failed client of the round.
+    pub fn new(id: usize, examples: Vec<TokenizedExample>) -> Self {
+        Self {
+            id,
+            examples,
+            personal: None,
+        }
+    }
+
+    /// The client's id.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// The client's training examples.
+    pub fn examples(&self) -> &[TokenizedExample] {
+        &self.examples
+    }
+
+    /// The tensors kept on this client for `stage` (FedSA-LoRA's `B`), if any.
+    pub fn personal(&self, stage: usize) -> Option<&ParamMap> {
+        self.personal
+            .as_ref()
+            .filter(|(s, _)| *s == stage)
+            .map(|(_, p)| p)
+    }
+
+    /// Restores [`Client::personal`] (from a checkpoint).
+    pub fn set_personal(&mut self, stage: usize, tensors: ParamMap) {
+        self.personal = (!tensors.is_empty()).then_some((stage, tensors));
+    }
+
+    /// Trains on the task: applies the merges the device lacks, loads the task's adapter (with
+    /// the client's own personal tensors when it keeps some), runs local training on
+    /// `train_device` (an autodiff device) and replies with the shared part of the adapter.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] when the task belongs to another stage than `stage`; the
+    /// errors of [`StageModel::sync`], [`CausalLm::load_lora_params`] and
+    /// [`crate::federated::train_local`].
+    pub fn train(
+        &mut self,
+        stage: &mut StageModel,
+        task: &TrainTask,
+        train_device: &Device,
+    ) -> Result<TrainReply> {
+        check_stage(stage, task.stage)?;
+        stage.sync(&task.merges)?;
+        // Tensors kept on clients start from the stage's fused values and then stay here.
+        let mut received: ParamMap = stage
+            .submodel()
+            .lora_params()
+            .into_iter()
+            .filter(|(name, _)| task.instructions.keeps_on_client(name))
+            .collect();
+        received.extend(task.adapter.clone());
+        if let Some(own) = self.personal(task.stage) {
+            received.extend(own.clone());
+        }
+        let mut local = stage.submodel().clone();
+        local.load_lora_params(&received)?;
+        let outcome = train_local(
+            &local,
+            &self.examples,
+            &task.local,
+            &task.instructions,
+            train_device,
+            task.seed,
+        )?;
+        let (own, shared): (ParamMap, ParamMap) = outcome
+            .adapter
+            .into_iter()
+            .partition(|(name, _)| task.instructions.keeps_on_client(name));
+        if !own.is_empty() {
+            self.personal = Some((task.stage, own));
+        }
+        let memory = memory_estimate(
+            &local,
+            received.num_values(),
+            &self.examples,
+            task.local.batch_size,
+        );
+        Ok(TrainReply {
+            round: task.round,
+            client: self.id,
+            num_examples: self.examples.len(),
+            metrics: BTreeMap::from([
+                ("train_loss".to_string(), outcome.mean_loss),
+                ("memory_estimate_bytes".to_string(), memory as f64),
+            ]),
+            adapter: shared,
+        })
+    }
+
+    /// Evaluates the full model carrying the stage's knowledge on `examples` (the client's
+    /// held-out data), on the stage model's device.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::train`], and [`crate::federated::evaluate_loss`].
+    pub fn evaluate(
+        &self,
+        stage: &mut StageModel,
+        task: &EvaluateTask,
+        examples: &[TokenizedExample],
+    ) -> Result<EvaluateReply> {
+        check_stage(stage, task.stage)?;
+        stage.sync(&task.merges)?;
+        let model = stage.knowledge(&task.adapter)?;
+        let loss = evaluate_loss(&model, examples, task.batch_size, task.pad_id)?;
+        Ok(EvaluateReply {
+            round: task.round,
+            client: self.id,
+            loss,
+            num_targets: examples
+                .iter()
+                .map(|e| e.targets.iter().filter(|&&t| t).count())
+                .sum(),
+        })
+    }
+}
+
+fn check_stage(stage: &StageModel, task_stage: usize) -> Result<()> {
+    if stage.stage() != task_stage {
+        return Err(Error::InvalidArgument(format!(
+            "the task is for stage {task_stage}, this device holds stage {}",
+            stage.stage()
+        )));
+    }
+    Ok(())
+}
+
+/// Training memory of one client in bytes of f32, counted from shapes: the model's
+/// parameters; gradients and two AdamW moments of the `trainable` adapter values; and the activations of one batch of the client's longest
+/// examples (12 hidden-sized values per token and layer, and the logits of the target
+/// positions twice).
+fn memory_estimate(
+    model: &CausalLm,
+    trainable: usize,
+    examples: &[TokenizedExample],
+    batch_size: usize,
+) -> u64 {
+    let config = model.config();
+    let trainable = trainable as u64;
+    let parameters = model.num_params() as u64;
+    let longest = |count: fn(&TokenizedExample) -> usize| {
+        (batch_size * examples.iter().map(count).max().unwrap_or(0)) as u64
+    };
+    let tokens = longest(|e| e.ids.len());
+    let targets = longest(|e| e.targets.iter().filter(|&&t| t).count());
+    let activations = tokens * 12 * config.hidden_size as u64 * config.num_layers as u64
+        + targets * 2 * config.vocab_size as u64;
+    4 * (parameters + 3 * trainable + activations)
+}
