@@ -245,24 +245,29 @@ fn decode<H: DeserializeOwned + Tagged>(
         )));
     }
     let (json, tensors) = rest.split_at(json_len as usize);
-    let header: H =
+    #[derive(Deserialize)]
+    struct Kind {
+        kind: String,
+    }
+    let kind: Kind =
         serde_json::from_slice(json).map_err(|e| invalid(format!("bad header: {e}")))?;
-    if header.kind() != H::KIND {
+    if kind.kind != H::KIND {
         return Err(invalid(format!(
-            "a `{}` message where a `{}` was expected",
-            header.kind(),
+            "a `{}` message where `{}` was expected",
+            kind.kind,
             H::KIND
         )));
     }
+    let header: H =
+        serde_json::from_slice(json).map_err(|e| invalid(format!("bad header: {e}")))?;
     let tensors = ParamMap::from_safetensors_bytes(tensors, sender)
         .map_err(|e| invalid(format!("malformed tensors: {e}")))?;
     Ok((header, tensors))
 }
 
-/// A header that names its message kind.
+/// A header of the message kind `KIND`.
 trait Tagged {
     const KIND: &'static str;
-    fn kind(&self) -> &str;
 }
 
 /// Splits `tensors` named `{section}/{name}` into the sections `expected` lists (in order);
@@ -336,9 +341,6 @@ macro_rules! header {
 
         impl Tagged for $name {
             const KIND: &'static str = $kind;
-            fn kind(&self) -> &str {
-                &self.kind
-            }
         }
     };
 }
