@@ -16,7 +16,7 @@
 //! | `model_safetensors` | `CausalLm::load`: fixture `config.json`, mutated `model.safetensors` | 512 | 3 s |
 //! | `model_config_json` | `HfConfig::load`, `resolve`, then `CausalLm::load` with the fixture weights | 2048 | 8 s |
 //! | `peft_adapter`      | `import_adapter`: mutated `adapter_config.json` and/or `adapter_model.safetensors` | 1024 | 5 s |
-//! | `update_wire`       | `federated::wire::decode` under a byte limit                  | 4096   | 4 s   |
+//! | `protocol_messages` | `TrainReply`, `TrainTask`, `StageSetup` decoding under a byte limit | 4096 | 4 s |
 //! | `checkpoint_resume` | `FederatedRun::run` resuming a mutated checkpoint, 60 s deadline | 256 | 22 s |
 //!
 //! Mutations: bit flips; bytes set to 0x00, 0xFF, 0x7F, 0x80 or any value; truncation;
@@ -61,11 +61,16 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use common::*;
+use devft::aggregate::ClientInstructions;
 use devft::aggregate::FedAvg;
+use devft::federated::protocol::{
+    MergeSync, MergedStage, Message, StageSetup, TrainReply, TrainTask,
+};
 use devft::federated::{
-    FederatedConfig, FederatedRun, LocalTrainingConfig, Strategy as RunStrategy, wire,
+    FederatedConfig, FederatedRun, LocalTrainingConfig, Strategy as RunStrategy,
 };
 use devft::fusion::DifferentialFuser;
+use devft::grouping::Grouping;
 use devft::grouping::SpectralGrouper;
 use devft::model::gguf::GgufFile;
 use devft::model::{CausalLm, DecoderConfig, HfConfig, LoraConfig, import_adapter};
@@ -1722,7 +1727,7 @@ fn peft_adapter() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 5. Update wire decoder
+// 5. Protocol messages
 // ---------------------------------------------------------------------------------------------
 
 /// The byte limit of a decode, relative to the mutated message's length.
@@ -1734,51 +1739,124 @@ enum Limit {
     Fixed(usize),
 }
 
+/// Which message a case mutates.
+#[derive(Clone, Copy, Debug)]
+enum MessageKind {
+    Reply,
+    Task,
+    Setup,
+}
+
+/// A valid message of each kind, with tensors in several sections.
+fn message_seed(kind: MessageKind) -> Vec<u8> {
+    let other = small_map().renamed(|n| format!("{n}.x"));
+    match kind {
+        MessageKind::Reply => TrainReply {
+            round: 3,
+            client: 1,
+            num_examples: 9,
+            metrics: [("train_loss".to_string(), 1.5)].into(),
+            adapter: small_map(),
+        }
+        .to_bytes(),
+        MessageKind::Task => TrainTask {
+            round: 3,
+            stage: 1,
+            seed: 7,
+            instructions: ClientInstructions::default(),
+            local: LocalTrainingConfig::new(),
+            adapter: small_map(),
+            merges: MergeSync {
+                first: 1,
+                merges: vec![other.clone(), small_map()],
+            },
+        }
+        .to_bytes(),
+        MessageKind::Setup => StageSetup {
+            stage: 1,
+            grouping: Grouping::new(vec![vec![0, 2], vec![1]], 3).unwrap(),
+            fuser: "mean".into(),
+            full_adapter: small_map(),
+            history: vec![MergedStage {
+                grouping: Grouping::singletons(3),
+                merges: vec![other],
+            }],
+        }
+        .to_bytes(),
+    }
+    .unwrap()
+}
+
+/// Decodes `bytes` as `kind`; a decoded message must survive its own round trip.
+fn decode_message(
+    kind: MessageKind,
+    bytes: &[u8],
+    max_bytes: usize,
+) -> Result<devft::Result<()>, TestCaseError> {
+    fn check<M: Message>(
+        bytes: &[u8],
+        max_bytes: usize,
+    ) -> Result<devft::Result<()>, TestCaseError> {
+        let decoded = no_panic("decode", || M::from_bytes(bytes, max_bytes, "fuzz"))?;
+        let Ok(message) = decoded else {
+            return Ok(decoded.map(|_| ()));
+        };
+        // Compared as bytes: a mutated value may be NaN, which is not equal to itself.
+        let bytes = message.to_bytes().unwrap();
+        let again = M::from_bytes(&bytes, usize::MAX, "again").map(|m| m.to_bytes().unwrap());
+        prop_assert_eq!(again.ok(), Some(bytes), "no round trip");
+        Ok(Ok(()))
+    }
+    match kind {
+        MessageKind::Reply => check::<TrainReply>(bytes, max_bytes),
+        MessageKind::Task => check::<TrainTask>(bytes, max_bytes),
+        MessageKind::Setup => check::<StageSetup>(bytes, max_bytes),
+    }
+}
+
 #[test]
-fn update_wire() {
-    let (encoded, _) = wire::encode(&small_map()).unwrap();
-    let seed = SafetensorsSeed::new(encoded);
-    assert!(same_bits(
-        &wire::decode(&seed.bytes, usize::MAX, "seed").unwrap(),
-        &small_map()
-    ));
+fn protocol_messages() {
+    let kinds = [MessageKind::Reply, MessageKind::Task, MessageKind::Setup];
+    let seeds: Vec<Vec<u8>> = kinds.iter().map(|&k| message_seed(k)).collect();
+    for (&kind, seed) in kinds.iter().zip(&seeds) {
+        assert!(decode_message(kind, seed, usize::MAX).unwrap().is_ok());
+    }
     let limit = prop_oneof![
         4 => Just(Limit::Unlimited),
         1 => Just(Limit::Exact),
         1 => Just(Limit::OneShort),
         1 => select(vec![0usize, 8, 64]).prop_map(Limit::Fixed),
     ];
+    // The hot region is the preamble and the JSON header, where the counts live.
+    let header_end =
+        |seed: &[u8]| 20 + u64::from_le_bytes(seed[12..20].try_into().unwrap()) as usize;
+    let longest = seeds.iter().map(Vec::len).max().unwrap();
+    let hot = seeds.iter().map(|s| header_end(s)).max().unwrap();
     let tally = Tally::default();
     fuzz(
-        "wire",
+        "protocol",
         4096,
         256,
-        (st_case(&seed), limit),
-        |(case, limit)| {
-            let input = build_st(&seed, &case);
+        (0..kinds.len(), mutations(longest, hot), limit),
+        |(which, edits, limit)| {
+            let input = mutate(&seeds[which], &edits);
             let max_bytes = match limit {
                 Limit::Unlimited => usize::MAX,
-                Limit::Exact => input.bytes.len(),
-                Limit::OneShort => input.bytes.len().saturating_sub(1),
+                Limit::Exact => input.len(),
+                Limit::OneShort => input.len().saturating_sub(1),
                 Limit::Fixed(n) => n,
             };
-            let decoded = no_panic("wire::decode", || {
-                wire::decode(&input.bytes, max_bytes, "fuzz")
-            })?;
-            if input.bytes.len() > max_bytes {
-                tally.hit("over the limit");
-                prop_assert!(
-                    matches!(decoded, Err(Error::InvalidArgument(_))),
-                    "a message over the limit was not refused as such: {:?}",
-                    decoded.as_ref().err()
-                );
-                return Ok(());
+            let decoded = decode_message(kinds[which], &input, max_bytes)?;
+            tally.outcome(&format!("{:?}", kinds[which]), &decoded);
+            match &decoded {
+                Err(Error::InvalidMessage { sender, .. }) => prop_assert_eq!(sender, "fuzz"),
+                Err(e) => prop_assert!(false, "not an InvalidMessage: {e}"),
+                Ok(()) => prop_assert!(input.len() <= max_bytes, "accepted over the limit"),
             }
-            check_decoded(&seed, &input, &decoded, &tally)
-                .map_err(|e| TestCaseError::fail(format!("{e}; header edits {:?}", input.log)))
+            Ok(())
         },
     );
-    tally.report("wire");
+    tally.report("protocol");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -412,4 +412,3 @@ fn a_device_refuses_a_stage_fused_by_another_fuser() {
         .unwrap_err();
     assert!(err.to_string().contains("stage 1"), "{err}");
 }
-

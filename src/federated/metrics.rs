@@ -2,8 +2,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::federated::wire::WireSize;
-
 /// One round, as written to the JSONL metrics file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundMetrics {
@@ -112,5 +110,22 @@ impl Ledger {
             down += e.down;
         }
         (up, down)
+    }
+}
+
+/// Bytes of a message as sent over the network: its payload (tensor data, `4 x` values) and
+/// the whole message (payload plus headers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WireSize {
+    /// Tensor data bytes.
+    pub payload: u64,
+    /// Whole message bytes.
+    pub total: u64,
+}
+
+impl std::ops::AddAssign for WireSize {
+    fn add_assign(&mut self, other: Self) {
+        self.payload += other.payload;
+        self.total += other.total;
     }
 }

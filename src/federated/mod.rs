@@ -1,15 +1,18 @@
 //! The federated runtime: clients, local training, the round loop with DevFT stages, the
 //! communication ledger, metrics, checkpoints and fault handling.
 //!
-//! The loop follows Flower's configure/aggregate split. Each round the server samples clients
-//! and sends them the current (sub)model's adapter as safetensors bytes; each client trains
-//! locally ([`train_local`]) and sends its adapter back as bytes; the server decodes with size
-//! limits, rejects inconsistent or non-finite updates (naming the client), and aggregates the
-//! rest with any [`crate::aggregate::Aggregator`]. A failing client is data, not a panic.
+//! The loop is split as a deployment splits it, following Flower's configure/aggregate steps:
+//! a [`Server`] owns the DevFT state and runs each round as tasks out, replies in; a
+//! [`Client`] owns its data and trains on a [`StageModel`] its device builds from the stage's
+//! set-up; everything between them is a [`protocol`] message (JSON header, safetensors
+//! tensors), decoded with size limits and counted in the [`Ledger`]. Inconsistent,
+//! non-finite or absurd updates are rejected naming the client, the rest are aggregated with
+//! any [`crate::aggregate::Aggregator`]; a failing client or aggregator is data, not a panic.
 //! Stages come from a [`crate::schedule::StageScheduler`]; between stages the full model is
 //! regrouped, fused and, after training, receives the stage's knowledge
 //! ([`crate::transfer`]). Plain federated LoRA (FedIT) is the same loop with one full-model
-//! stage ([`Strategy::fedit`]).
+//! stage ([`Strategy::fedit`]). [`FederatedRun`] drives a server and its clients in one
+//! process.
 
 mod checkpoint;
 mod client;
@@ -21,17 +24,15 @@ pub mod protocol;
 mod runner;
 mod server;
 mod stage_model;
-pub mod wire;
 
 pub use client::Client;
 pub use evaluate::evaluate_loss;
 pub use faults::{Fault, FaultInjector, RandomFailures};
 pub use local::{LocalOutcome, LocalTrainingConfig, train_local};
-pub use metrics::{Ledger, LedgerEntry, RoundMetrics};
+pub use metrics::{Ledger, LedgerEntry, RoundMetrics, WireSize};
 pub use runner::{FederatedRun, RunOutcome};
 pub use server::{ClientTask, Evaluation, PersonalState, RoundTasks, Server};
 pub use stage_model::{StageModel, full_model};
-pub use wire::WireSize;
 
 use burn::config::Config;
 

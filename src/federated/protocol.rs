@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::aggregate::ClientInstructions;
 use crate::error::{Error, Result};
 use crate::federated::LocalTrainingConfig;
-use crate::federated::wire::WireSize;
+use crate::federated::metrics::WireSize;
 use crate::grouping::Grouping;
 use crate::params::ParamMap;
 

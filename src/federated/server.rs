@@ -14,12 +14,12 @@ use crate::aggregate::{
 };
 use crate::error::{Error, Result};
 use crate::federated::checkpoint::{Checkpoint, RunShape, RunState};
+use crate::federated::metrics::WireSize;
 use crate::federated::metrics::{Ledger, LedgerEntry, RoundMetrics};
 use crate::federated::protocol::{
     EvaluateReply, EvaluateTask, MergeSync, MergedStage, Message, StageSetup, TrainReply, TrainTask,
 };
 use crate::federated::stage_model::{StageModel, full_model};
-use crate::federated::wire::WireSize;
 use crate::federated::{FederatedConfig, Strategy};
 use crate::grouping::Grouping;
 use crate::model::CausalLm;
@@ -330,7 +330,10 @@ impl Server {
         let instructions = self.aggregator.client_instructions();
         let current = self.current.as_mut().expect("started above");
         let setup_bytes = current.setup.to_bytes()?;
-        let setup_size = current.setup.wire_size()?;
+        let setup_size = WireSize {
+            payload: 4 * current.setup.num_values() as u64,
+            total: setup_bytes.len() as u64,
+        };
         let mut tasks = Vec::with_capacity(sampled.len());
         let mut sent = BTreeMap::new();
         for &client in &sampled {
@@ -625,6 +628,10 @@ impl Server {
             };
             let bytes = task.to_bytes()?;
             let setup = first.is_none().then(|| setup_bytes.clone());
+            let setup_size = WireSize {
+                payload: 4 * current.setup.num_values() as u64,
+                total: setup_bytes.len() as u64,
+            };
             self.state.ledger.entries.push(LedgerEntry {
                 round,
                 client,
@@ -634,7 +641,7 @@ impl Server {
                     total: bytes.len() as u64,
                 },
                 setup: if setup.is_some() {
-                    current.setup.wire_size()?
+                    setup_size
                 } else {
                     WireSize::default()
                 },
