@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use devft::aggregate::{
-    Aggregator, ClientUpdate, DpFixedClipping, FedAvg, FedAvgM, FedOpt, FedProx, FedSaLora,
-    FfaLora, Krum, TrimmedMean,
+    Aggregator, Bulyan, ClientUpdate, DpFixedClipping, FedAdagrad, FedAdam, FedAvg, FedAvgM,
+    FedMedian, FedProx, FedSaLora, FedYogi, FfaLora, Krum, TrimmedMean,
 };
 use devft::{Error, HostTensor, ParamMap};
 
@@ -40,14 +40,17 @@ fn all_aggregators() -> Vec<Box<dyn Aggregator>> {
         Box::new(FedAvg),
         Box::new(FedProx::new(0.01).unwrap()),
         Box::new(FedAvgM::default()),
-        Box::new(FedOpt::adam()),
-        Box::new(FedOpt::yogi()),
-        Box::new(FedOpt::adagrad()),
+        Box::new(FedAdam::default()),
+        Box::new(FedYogi::default()),
+        Box::new(FedAdagrad::default()),
         Box::new(FfaLora),
         Box::new(FedSaLora),
         Box::new(TrimmedMean::new(0.25).unwrap()),
+        Box::new(FedMedian),
         Box::new(Krum::new(1)),
         Box::new(Krum::multi(1, 2)),
+        // Needs n >= 4f + 3 = 7 updates.
+        Box::new(Bulyan::new(1)),
         Box::new(DpFixedClipping::new(FedAvg, 0.0, 10.0, 4, 0).unwrap()),
     ]
 }
@@ -183,7 +186,8 @@ fn dp_noise_has_the_announced_standard_deviation() {
 fn identical_updates_leave_the_global_unchanged_for_every_aggregator() {
     let global = params(&[0.5, -1.0], &[2.0]);
     for mut aggregator in all_aggregators() {
-        let updates: Vec<ClientUpdate> = (0..4).map(|c| update(c, global.clone(), 5 + c)).collect();
+        // Seven clients: the most any aggregator of the table needs (Bulyan with f = 1).
+        let updates: Vec<ClientUpdate> = (0..7).map(|c| update(c, global.clone(), 5 + c)).collect();
         for _ in 0..3 {
             let new = aggregator.aggregate(&global, &updates).unwrap();
             for (name, tensor) in new.iter() {
@@ -205,8 +209,8 @@ fn dp_with_zero_noise_and_huge_clip_equals_the_inner_aggregator() {
     let updates: Vec<ClientUpdate> = (0..3)
         .map(|c| update(c, params(&[c as f32, 1.0], &[-(c as f32)]), 1 + c))
         .collect();
-    let mut plain = FedOpt::adam();
-    let mut wrapped = DpFixedClipping::new(FedOpt::adam(), 0.0, 1e9, 3, 0).unwrap();
+    let mut plain = FedAdam::default();
+    let mut wrapped = DpFixedClipping::new(FedAdam::default(), 0.0, 1e9, 3, 0).unwrap();
     let mut g1 = global.clone();
     let mut g2 = global.clone();
     for _ in 0..3 {
@@ -241,13 +245,18 @@ fn server_state_round_trips_and_resumes_identically() {
     let updates = [
         update(0, params(&[1.0, 2.0], &[4.0]), 2),
         update(1, params(&[3.0, 0.0], &[1.0]), 1),
+        update(2, params(&[-1.0, 0.5], &[2.5]), 3),
     ];
     for make in [
-        || Box::new(FedOpt::adam()) as Box<dyn Aggregator>,
-        || Box::new(FedOpt::yogi()) as Box<dyn Aggregator>,
+        || Box::new(FedAdam::default()) as Box<dyn Aggregator>,
+        || Box::new(FedYogi::default()) as Box<dyn Aggregator>,
+        || Box::new(FedAdagrad::default()) as Box<dyn Aggregator>,
         || Box::new(FedAvgM::default()) as Box<dyn Aggregator>,
+        || Box::new(FedMedian) as Box<dyn Aggregator>,
+        // Three updates allow f = 0 only (n >= 4f + 3).
+        || Box::new(Bulyan::new(0)) as Box<dyn Aggregator>,
         || {
-            Box::new(DpFixedClipping::new(FedOpt::adagrad(), 0.5, 1.0, 2, 3).unwrap())
+            Box::new(DpFixedClipping::new(FedAdagrad::default(), 0.5, 1.0, 2, 3).unwrap())
                 as Box<dyn Aggregator>
         },
     ] {
@@ -265,6 +274,153 @@ fn server_state_round_trips_and_resumes_identically() {
         let h2 = resumed.aggregate(&h1, &updates).unwrap();
         assert_eq!(g2, h2, "{}", straight.name());
     }
+}
+
+#[test]
+fn adaptive_optimisers_are_distinct_and_refuse_each_others_state() {
+    let global = params(&[0.0, 1.0], &[2.0]);
+    let updates = [
+        update(0, params(&[1.0, 2.0], &[4.0]), 2),
+        update(1, params(&[3.0, 0.0], &[1.0]), 1),
+    ];
+    let makers: [fn() -> Box<dyn Aggregator>; 3] = [
+        || Box::new(FedAdam::default()),
+        || Box::new(FedYogi::default()),
+        || Box::new(FedAdagrad::default()),
+    ];
+    let names: Vec<String> = makers.iter().map(|make| make().name()).collect();
+    assert_eq!(
+        names,
+        [
+            "fedadam(eta=0.1)",
+            "fedyogi(eta=0.01)",
+            "fedadagrad(eta=0.1)"
+        ]
+    );
+    for (i, make_writer) in makers.iter().enumerate() {
+        let mut writer = make_writer();
+        writer.aggregate(&global, &updates).unwrap();
+        let state = writer.state();
+        for (j, make_reader) in makers.iter().enumerate() {
+            let mut reader = make_reader();
+            let loaded = reader.load_state(&state);
+            if i == j {
+                loaded.unwrap();
+                continue;
+            }
+            let err = loaded.unwrap_err();
+            let (wrote, read) = (names[i].split('(').next(), names[j].split('(').next());
+            assert!(
+                matches!(&err, Error::InvalidArgument(m)
+                    if m.contains(wrote.unwrap()) && m.contains(read.unwrap())),
+                "{err}"
+            );
+            // A refused state leaves the reader as it was.
+            assert_eq!(reader.state(), make_reader().state());
+        }
+        // Through the DP wrapper too.
+        let mut dp = DpFixedClipping::new(make_writer(), 0.0, 1.0, 2, 0).unwrap();
+        dp.aggregate(&global, &updates).unwrap();
+        let mut other = DpFixedClipping::new(makers[(i + 1) % 3](), 0.0, 1.0, 2, 0).unwrap();
+        assert!(matches!(
+            other.load_state(&dp.state()),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+    // A state missing its moments' partner, or with a stray key, is refused as well.
+    let mut adam = FedAdam::default();
+    adam.aggregate(&global, &updates).unwrap();
+    let mut partial = ParamMap::new();
+    for (name, tensor) in adam.state().iter() {
+        if !name.starts_with("fedadam.v.") {
+            partial.insert(name, tensor.clone());
+        }
+    }
+    assert!(matches!(
+        FedAdam::default().load_state(&partial),
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut stray = adam.state();
+    stray.insert("m.layers.0.q.lora_A.weight", HostTensor::zeros(vec![2]));
+    assert!(matches!(
+        FedAdam::default().load_state(&stray),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(FedAdagrad::new(0.0, 1e-9).is_err() && FedYogi::new(0.01, 1.0, 0.9, 1e-3).is_err());
+    assert!(FedAdam::new(0.1, 0.9, 0.99, 0.0).is_err());
+}
+
+#[test]
+fn fedmedian_is_the_unweighted_coordinate_wise_median() {
+    let global = params(&[0.0, 0.0], &[0.0]);
+    // Coordinate 0: 1, 9, 2, 4 -> sorted 1, 2, 4, 9 -> (2 + 4) / 2 = 3.
+    // Coordinate 1: -1, 0.5, 7, 0.25 -> (0.25 + 0.5) / 2 = 0.375. B: 10, -3, 5, 6 -> 5.5.
+    let updates: Vec<ClientUpdate> = [
+        ([1.0, -1.0], 10.0),
+        ([9.0, 0.5], -3.0),
+        ([2.0, 7.0], 5.0),
+        ([4.0, 0.25], 6.0),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(c, (a, b))| update(c, params(a, &[*b]), 1 + 100 * c))
+    .collect();
+    let new = FedMedian.aggregate(&global, &updates).unwrap();
+    assert_eq!(values(&new, "layers.0.q.lora_A.weight"), [3.0, 0.375]);
+    assert_eq!(values(&new, "layers.0.q.lora_B.weight"), [5.5]);
+    // Odd count: the middle value itself (1, 2, 9 -> 2).
+    let new = FedMedian.aggregate(&global, &updates[..3]).unwrap();
+    assert_eq!(values(&new, "layers.0.q.lora_A.weight"), [2.0, 0.5]);
+    assert_eq!(FedMedian.name(), "fedmedian");
+    let mut nan = updates.clone();
+    nan[2].params = params(&[f32::NAN, 0.0], &[0.0]);
+    assert!(matches!(
+        FedMedian.aggregate(&global, &nan),
+        Err(Error::NonFinite { .. })
+    ));
+}
+
+#[test]
+fn bulyan_leaves_out_the_outlier() {
+    let global = params(&[0.0], &[0.0]);
+    // Seven clients, f = 1: theta = 5 selections, then per coordinate the mean of the
+    // beta = 3 selected values closest to their median.
+    let a = [1.0, 1.5, 3.0, 2.5, 6.0, 2.0, 40.0];
+    let b = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -40.0];
+    let updates: Vec<ClientUpdate> = (0..7)
+        .map(|c| update(c, params(&[a[c]], &[b[c]]), 1 + 50 * c))
+        .collect();
+    // By hand (squared distances, one client at a time):
+    // 1. all 7, 4 neighbours each: 2.0 scores .25+.25+1+1 = 2.5, the lowest -> pick 2.0;
+    // 2. 6 left, 3 neighbours: 1.5 and 2.5 both score 3.5 -> the earlier, 1.5;
+    // 3. 5 left, 2 neighbours: 2.5 scores .25 + 2.25 = 2.5 -> 2.5;
+    // 4. 4 left (1, 3, 6, 40), 1 neighbour: 1 and 3 both score 4 -> 1;
+    // 5. 3 left (3, 6, 40): 3 and 6 both score 9 -> 3.
+    // Selected {2, 1.5, 2.5, 1, 3}: median 2, nearest three 1.5, 2, 2.5 -> mean 2.
+    // 6 and the outlier 40 (and its -40) are left out, so B stays 0.
+    let new = Bulyan::new(1).aggregate(&global, &updates).unwrap();
+    assert_eq!(values(&new, "layers.0.q.lora_A.weight"), [2.0]);
+    assert_eq!(values(&new, "layers.0.q.lora_B.weight"), [0.0]);
+    // f = 0 is the unweighted mean: (1 + 1.5 + 3 + 2.5 + 6 + 2 + 40) / 7 = 8.
+    let new = Bulyan::new(0).aggregate(&global, &updates).unwrap();
+    assert!((values(&new, "layers.0.q.lora_A.weight")[0] - 8.0).abs() < 1e-6);
+    assert_eq!(Bulyan::new(1).name(), "bulyan(f=1)");
+    // Too few updates for f: a typed error naming n and f, no panic.
+    for (f, n) in [(1, 6), (2, 10), (usize::MAX, 7)] {
+        let updates: Vec<ClientUpdate> = (0..n)
+            .map(|c| update(c, params(&[c as f32], &[0.0]), 1))
+            .collect();
+        let err = Bulyan::new(f).aggregate(&global, &updates).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument(m)
+                if m.contains(&format!("f = {f}")) && m.contains(&format!("n = {n}"))),
+            "{err}"
+        );
+    }
+    assert!(matches!(
+        Bulyan::new(0).aggregate(&global, &[]),
+        Err(Error::InvalidArgument(_))
+    ));
 }
 
 #[test]
@@ -302,7 +458,8 @@ fn inconsistent_updates_are_rejected_naming_the_client() {
     assert!(DpFixedClipping::new(FedAvg, 1.0, 0.0, 1, 0).is_err());
 }
 
-/// Flower 1.42's own strategies on a 4-client, 3-round scenario
+/// Flower 1.42's own strategies over three rounds, on a 4-client scenario and, for Bulyan
+/// (which needs `n >= 4f + 3`), a 7-client one
 /// (`tests/fixtures/flower/make_flower_reference.py`).
 #[test]
 fn aggregators_match_flower_over_three_rounds() {
@@ -312,14 +469,6 @@ fn aggregators_match_flower_over_three_rounds() {
     );
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let scenario = &reference["scenario"];
-    let num_examples: Vec<usize> = scenario["num_examples"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as usize)
-        .collect();
-    let deltas = &scenario["deltas_flat[t-1][c]"];
     let flat = |v: &serde_json::Value| -> Vec<f64> {
         v.as_array()
             .unwrap()
@@ -327,24 +476,18 @@ fn aggregators_match_flower_over_three_rounds() {
             .map(|x| x.as_f64().unwrap())
             .collect()
     };
-    let to_map = |a: &[f64], b: &[f64]| {
-        let mut p = ParamMap::new();
-        p.insert(
-            "a",
-            HostTensor::new(vec![2, 3], a.iter().map(|&v| v as f32).collect()).unwrap(),
-        );
-        p.insert(
-            "b",
-            HostTensor::new(vec![4], b.iter().map(|&v| v as f32).collect()).unwrap(),
-        );
-        p
-    };
     let cases: Vec<(&str, Box<dyn Aggregator>)> = vec![
         ("FedAvg", Box::new(FedAvg)),
         ("FedAvgM", Box::new(FedAvgM::new(1.0, 0.9).unwrap())),
-        ("FedAdam", Box::new(FedOpt::adam())),
-        ("FedYogi", Box::new(FedOpt::yogi())),
-        ("FedAdagrad", Box::new(FedOpt::adagrad())),
+        (
+            "FedAdam",
+            Box::new(FedAdam::new(0.1, 0.9, 0.99, 1e-9).unwrap()),
+        ),
+        (
+            "FedYogi",
+            Box::new(FedYogi::new(0.01, 0.9, 0.99, 1e-3).unwrap()),
+        ),
+        ("FedAdagrad", Box::new(FedAdagrad::new(0.1, 1e-9).unwrap())),
         ("FedTrimmedAvg", Box::new(TrimmedMean::new(0.25).unwrap())),
         ("Krum", Box::new(Krum::new(1))),
         ("MultiKrum", Box::new(Krum::multi(1, 2))),
@@ -352,14 +495,39 @@ fn aggregators_match_flower_over_three_rounds() {
             "DPServerSideFixedClipping_FedAvg",
             Box::new(DpFixedClipping::new(FedAvg, 0.0, 0.05, 4, 0).unwrap()),
         ),
+        ("FedMedian", Box::new(FedMedian)),
+        ("FedMedian_7clients", Box::new(FedMedian)),
+        ("Bulyan", Box::new(Bulyan::new(1))),
     ];
     for (name, mut aggregator) in cases {
-        let mut global = to_map(&[0.1, -0.2, 0.3, -0.4, 0.5, -0.6], &[1.0, 2.0, 3.0, 4.0]);
-        let rounds = reference["strategies"][name]["rounds"]
+        let strategy = &reference["strategies"][name];
+        let scenario = &reference[strategy["scenario"].as_str().unwrap_or("scenario")];
+        let num_examples: Vec<usize> = scenario["num_examples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        let deltas = &scenario["deltas_flat[t-1][c]"];
+        let mut global = ParamMap::new();
+        for array in scenario["arrays"].as_array().unwrap() {
+            let shape: Vec<usize> = array["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            let initial = flat(&array["initial"]).iter().map(|&v| v as f32).collect();
+            global.insert(
+                array["name"].as_str().unwrap(),
+                HostTensor::new(shape, initial).unwrap(),
+            );
+        }
+        let rounds = strategy["rounds"]
             .as_array()
             .unwrap_or_else(|| panic!("{name}"));
         for (t, expected) in rounds.iter().enumerate() {
-            let updates: Vec<ClientUpdate> = (0..4)
+            let updates: Vec<ClientUpdate> = (0..num_examples.len())
                 .map(|c| {
                     let d = flat(&deltas[t][c]);
                     let mut p = ParamMap::new();
@@ -379,7 +547,9 @@ fn aggregators_match_flower_over_three_rounds() {
             global = aggregator.aggregate(&global, &updates).unwrap();
             for key in ["a", "b"] {
                 let want = flat(&expected["global"][key]);
-                for (ours, theirs) in global.get(key).unwrap().values().iter().zip(&want) {
+                let ours = global.get(key).unwrap().values();
+                assert_eq!(ours.len(), want.len(), "{name} round {}: {key}", t + 1);
+                for (ours, theirs) in ours.iter().zip(&want) {
                     assert!(
                         (f64::from(*ours) - theirs).abs() < 2e-6,
                         "{name} round {}: {key} {ours} vs {theirs}",

@@ -32,6 +32,8 @@ impl Krum {
     }
 }
 
+/// The squared L2 distance between two maps with the same names and shapes (checked by the
+/// caller), over all tensors together, accumulated in f64.
 fn squared_distance(a: &ParamMap, b: &ParamMap) -> f64 {
     a.iter()
         .map(|(name, x)| {
@@ -43,6 +45,49 @@ fn squared_distance(a: &ParamMap, b: &ParamMap) -> f64 {
                 .sum::<f64>()
         })
         .sum()
+}
+
+/// `D[i][j]`: the squared L2 distance between the parameters of checked updates `i` and `j`
+/// (Flower's `_compute_distances`).
+pub(crate) fn distance_matrix(updates: &[ClientUpdate]) -> Vec<Vec<f64>> {
+    let n = updates.len();
+    let mut distances = vec![vec![0.0; n]; n];
+    for i in 0..n {
+        for j in i + 1..n {
+            let d = squared_distance(&updates[i].params, &updates[j].params);
+            distances[i][j] = d;
+            distances[j][i] = d;
+        }
+    }
+    distances
+}
+
+/// The positions in `candidates` (indices into `distances`) ordered by Krum score, best
+/// first, ties in candidate order (so the first is Flower's `np.argmin`). Each candidate's
+/// score sums its `max(1, n - num_malicious - 2)` smallest distances to the other candidates,
+/// `n = candidates.len()`.
+pub(crate) fn krum_order(
+    distances: &[Vec<f64>],
+    candidates: &[usize],
+    num_malicious: usize,
+) -> Vec<usize> {
+    let n = candidates.len();
+    let neighbours = n.saturating_sub(num_malicious.saturating_add(2)).max(1);
+    let scores: Vec<f64> = candidates
+        .iter()
+        .map(|&i| {
+            let mut others: Vec<f64> = candidates
+                .iter()
+                .filter(|&&j| j != i)
+                .map(|&j| distances[i][j])
+                .collect();
+            others.sort_by(f64::total_cmp);
+            others.iter().take(neighbours).sum()
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    order
 }
 
 impl Aggregator for Krum {
@@ -59,32 +104,8 @@ impl Aggregator for Krum {
                 self.keep
             )));
         }
-        let distances: Vec<Vec<f64>> = updates
-            .iter()
-            .map(|a| {
-                updates
-                    .iter()
-                    .map(|b| squared_distance(&a.params, &b.params))
-                    .collect()
-            })
-            .collect();
-        let neighbours = n.saturating_sub(self.num_malicious + 2).max(1);
-        let scores: Vec<f64> = distances
-            .iter()
-            .enumerate()
-            .map(|(i, row)| {
-                let mut others: Vec<f64> = row
-                    .iter()
-                    .enumerate()
-                    .filter(|&(j, _)| j != i)
-                    .map(|(_, d)| *d)
-                    .collect();
-                others.sort_by(f64::total_cmp);
-                others.iter().take(neighbours).sum()
-            })
-            .collect();
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+        let all: Vec<usize> = (0..n).collect();
+        let order = krum_order(&distance_matrix(updates), &all, self.num_malicious);
         if self.keep == 0 {
             return Ok(updates[order[0]].params.clone());
         }

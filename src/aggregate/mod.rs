@@ -7,10 +7,18 @@
 //!
 //! Every implementation lives in its own file and follows Flower's server strategies where
 //! Flower has one; [`weighted_mean`] is the one weighted average they share.
+//!
+//! - averaging: [`FedAvg`], [`FedProx`], [`FedAvgM`];
+//! - adaptive server optimisers: [`FedAdam`], [`FedYogi`], [`FedAdagrad`];
+//! - LoRA-specific: [`FfaLora`], [`FedSaLora`], [`Flora`];
+//! - Byzantine-robust: [`TrimmedMean`], [`FedMedian`], [`Krum`], [`Bulyan`];
+//! - differential privacy: [`DpFixedClipping`], wrapping any of the above.
 
+mod bulyan;
 mod dp;
 mod fedavg;
 mod fedavgm;
+mod fedmedian;
 mod fedopt;
 mod fedprox;
 mod fedsa_lora;
@@ -19,10 +27,12 @@ mod flora;
 mod krum;
 mod trimmed_mean;
 
+pub use bulyan::Bulyan;
 pub use dp::DpFixedClipping;
 pub use fedavg::FedAvg;
 pub use fedavgm::FedAvgM;
-pub use fedopt::{FedAdagrad, FedAdam, FedOpt, FedOptVariant, FedYogi};
+pub use fedmedian::FedMedian;
+pub use fedopt::{FedAdagrad, FedAdam, FedYogi};
 pub use fedprox::FedProx;
 pub use fedsa_lora::FedSaLora;
 pub use ffa_lora::FfaLora;
@@ -74,7 +84,8 @@ impl ClientInstructions {
 ///
 /// # Example
 ///
-/// A user-defined aggregator (coordinate-wise median) plugs in like the built-in ones:
+/// A user-defined aggregator (here a coordinate-wise median, a simpler cousin of the built-in
+/// [`FedMedian`]) plugs in like the built-in ones:
 ///
 /// ```
 /// use devft::aggregate::{Aggregator, ClientUpdate, check_updates};
@@ -358,6 +369,47 @@ pub(crate) fn combine(
     Ok(out)
 }
 
+/// `reduce(column)` for every coordinate, where `column` holds the updates' values at that
+/// coordinate as f64, in the order of `updates` (`reduce` may reorder it). The result is
+/// rounded to f32 once. Coordinates are processed in parallel chunks.
+pub(crate) fn per_coordinate(
+    global: &ParamMap,
+    updates: &[&ClientUpdate],
+    reduce: impl Fn(&mut [f64]) -> f64 + Sync,
+) -> Result<ParamMap> {
+    const CHUNK: usize = 1 << 12;
+    let mut out = ParamMap::new();
+    for (name, tensor) in global.iter() {
+        let sources = updates
+            .iter()
+            .map(|u| u.params.require(name).map(HostTensor::values))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(source) = sources.iter().find(|s| s.len() != tensor.len()) {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: vec![tensor.len()],
+                found: vec![source.len()],
+            });
+        }
+        let mut values = vec![0.0f32; tensor.len()];
+        values
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let start = chunk * CHUNK;
+                let mut column = vec![0.0f64; sources.len()];
+                for (k, o) in out.iter_mut().enumerate() {
+                    for (c, source) in column.iter_mut().zip(&sources) {
+                        *c = f64::from(source[start + k]);
+                    }
+                    *o = reduce(&mut column) as f32;
+                }
+            });
+        out.insert(name, HostTensor::new(tensor.shape().to_vec(), values)?);
+    }
+    Ok(out)
+}
+
 /// Whether a tensor name is a LoRA `A` factor.
 pub fn is_lora_a(name: &str) -> bool {
     name.contains(".lora_A.")
@@ -383,8 +435,6 @@ pub(crate) fn partial_mean(
         .collect())
 }
 
-/// Applies `f(global, other)` element-wise over matching tensors of two maps with the same
-/// names and shapes.
 /// Reads a counter kept in an aggregator's state (a round number): one whole value in
 /// `0..=2^24`, the range an `f32` holds exactly.
 ///
@@ -400,6 +450,8 @@ pub(crate) fn state_counter(state: &ParamMap, key: &str) -> Result<u64> {
     }
 }
 
+/// Applies `f(global, other)` element-wise over matching tensors of two maps with the same
+/// names and shapes.
 pub(crate) fn zip_map(a: &ParamMap, b: &ParamMap, f: impl Fn(f64, f64) -> f64) -> Result<ParamMap> {
     let mut out = ParamMap::new();
     for (name, x) in a.iter() {
