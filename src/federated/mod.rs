@@ -67,6 +67,11 @@ pub struct FederatedConfig {
     /// ([`crate::aggregate::check_update_norm`]). Infinity turns the check off. Default: 10.
     #[config(default = 10.0)]
     pub max_update_norm_factor: f64,
+    /// Clients keep nothing between rounds (as Flower ClientApps started afresh for each
+    /// message): every task then comes with the stage set-up and all of the stage's merges,
+    /// and the ledger counts them. Default: false.
+    #[config(default = false)]
+    pub stateless_clients: bool,
 }
 
 /// How a run develops the model: stage plan, grouping and fusion.

@@ -197,6 +197,12 @@ impl Server {
                 "the model has no LoRA adapter; attach one with `with_lora`".into(),
             ));
         }
+        if config.stateless_clients && aggregator.client_instructions().personal_lora_b {
+            return Err(Error::InvalidArgument(format!(
+                "{} keeps tensors on clients, which stateless clients cannot",
+                aggregator.name()
+            )));
+        }
         let num_layers = model.num_layers();
         let plan = strategy.scheduler.plan(num_layers, config.rounds)?;
         validate_plan(&plan, num_layers, config.rounds)?;
@@ -466,6 +472,9 @@ impl Server {
                     failed.push((client, reason));
                 }
             }
+        }
+        if self.config.stateless_clients {
+            current.synced.clear();
         }
         for (client, _) in replies {
             eprintln!(
@@ -738,6 +747,11 @@ impl Server {
         }
         let pending = self.pending.take().expect("checked above");
         let mut metrics = pending.metrics.expect("checked above");
+        if self.config.stateless_clients
+            && let Some(current) = self.current.as_mut()
+        {
+            current.synced.clear();
+        }
         metrics.eval_loss = evaluation.map(|e| e.loss);
         metrics.eval_seconds = evaluation.map_or(0.0, |e| e.seconds);
         self.state.metrics.push(metrics.clone());
