@@ -75,9 +75,16 @@ fn personal_of(clients: &[Client], stage: usize) -> Vec<(ParamMap, usize)> {
 
 /// A run with one device per client, all traffic as bytes.
 fn distributed(aggregator: Box<dyn Aggregator>) -> Finished {
+    distributed_with(config(5), aggregator)
+}
+
+/// [`distributed`] with `config`; with `stateless_clients`, every device forgets its stage
+/// after each task, as a client process started afresh for every message.
+fn distributed_with(config: FederatedConfig, aggregator: Box<dyn Aggregator>) -> Finished {
+    let stateless = config.stateless_clients;
     let (data, eval) = tiny_federated_data();
     let base = model();
-    let mut server = Server::new(config(5), strategy(), aggregator, model(), data.len()).unwrap();
+    let mut server = Server::new(config, strategy(), aggregator, model(), data.len()).unwrap();
     let mut clients: Vec<Client> = data
         .into_iter()
         .enumerate()
@@ -101,6 +108,9 @@ fn distributed(aggregator: Box<dyn Aggregator>) -> Finished {
                 .train(device.as_mut().unwrap(), &work, &device_autodiff())
                 .unwrap();
             replies.push((task.client, Ok(reply.to_bytes().unwrap())));
+            if stateless {
+                *device = None;
+            }
         }
         server.aggregate_round(replies).unwrap();
         let personal = personal_of(&clients, tasks.stage);
@@ -122,8 +132,12 @@ fn device_autodiff() -> burn::tensor::Device {
 }
 
 fn in_process(aggregator: Box<dyn Aggregator>) -> Finished {
+    in_process_with(config(5), aggregator)
+}
+
+fn in_process_with(config: FederatedConfig, aggregator: Box<dyn Aggregator>) -> Finished {
     let (clients, eval) = tiny_federated_data();
-    let outcome = FederatedRun::new(config(5), strategy(), aggregator, clients, eval)
+    let outcome = FederatedRun::new(config, strategy(), aggregator, clients, eval)
         .unwrap()
         .run(model(), &device_autodiff())
         .unwrap();
@@ -229,6 +243,39 @@ fn flora_merges_reach_clients_that_missed_rounds() {
         apart.model.projection_weights(),
         model().projection_weights()
     );
+}
+
+#[test]
+fn stateless_clients_get_everything_in_every_task_and_the_same_result() {
+    let stateless = || config(5).with_stateless_clients(true);
+    let apart = distributed_with(stateless(), Box::new(Flora));
+    let together = in_process_with(stateless(), Box::new(Flora));
+    assert_same_run(&apart, &together, "stateless flora");
+    // The same training as with stateful clients; only the traffic differs.
+    let stateful = in_process(Box::new(Flora));
+    assert_eq!(
+        apart.model.projection_weights(),
+        stateful.model.projection_weights()
+    );
+    assert_eq!(apart.model.lora_params(), stateful.model.lora_params());
+    for (a, b) in apart.ledger.entries.iter().zip(&stateful.ledger.entries) {
+        assert!(
+            a.setup.total > 0,
+            "round {}: every task has its set-up",
+            a.round
+        );
+        assert!(a.down.total >= b.down.total && a.up == b.up);
+    }
+    // FedSA-LoRA keeps tensors on clients, which stateless clients cannot.
+    let (clients, _) = tiny_federated_data();
+    let refused = Server::new(
+        stateless(),
+        strategy(),
+        Box::new(FedSaLora),
+        model(),
+        clients.len(),
+    );
+    assert!(matches!(refused, Err(devft::Error::InvalidArgument(_))));
 }
 
 #[test]

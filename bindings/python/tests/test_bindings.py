@@ -1,0 +1,131 @@
+"""Tests of the devft_py extension (run from the repository root with the venv that has it):
+
+    python bindings/python/tests/test_bindings.py
+
+- a server and two clients driven by hand give exactly `run_in_process` (adapter and ledger);
+- adapters come out as float32 numpy arrays of their shapes;
+- devft errors are typed exceptions under DevftError, for bad settings, bad messages and
+  misuse, and a bad reply is a failed client, not an exception;
+- training releases the GIL (a Python thread keeps running while a client trains).
+"""
+import json
+import threading
+import time
+import unittest
+
+import numpy as np
+
+import devft_py
+
+SETTINGS = {
+    "model": "tests/fixtures/tiny-llama",
+    "data": "tests/fixtures/data/tiny_instructions.jsonl",
+    "num-partitions": 3,
+    "clients-per-round": 2,
+    "schedule": "2:2,8:1",
+    "rounds": 3,
+    "max-len": 64,
+    "lora-rank": 4,
+    "lora-alpha": 8.0,
+    "learning-rate": 0.005,
+    "local-steps": 2,
+    "seed": 7,
+}
+
+
+def drive(settings, corrupt=None):
+    """Runs the settings through a Server and Clients by hand; `corrupt(round, client, bytes)`
+    may replace a reply."""
+    server = devft_py.Server(settings)
+    clients = [devft_py.Client(settings, p) for p in range(settings["num-partitions"])]
+    while not server.is_finished():
+        plan = server.configure_round()
+        replies = []
+        for task in plan["tasks"]:
+            reply = clients[task["client"]].train(task["setup"], task["task"])
+            if corrupt is not None:
+                reply = corrupt(plan["round"], task["client"], reply)
+            replies.append((task["client"], reply, None if reply else "dropped"))
+        server.aggregate_round(replies)
+        server.finish_round(True)
+    return server
+
+
+class Bindings(unittest.TestCase):
+    def test_by_hand_equals_in_process_exactly(self):
+        server = drive(SETTINGS)
+        expected = devft_py.run_in_process(SETTINGS)
+        adapter = server.adapter()
+        self.assertEqual(sorted(adapter), sorted(expected["adapter"]))
+        for name, value in adapter.items():
+            self.assertEqual(value.dtype, np.float32)
+            self.assertEqual(value.ndim, 2, name)
+            np.testing.assert_array_equal(value, expected["adapter"][name], err_msg=name)
+        self.assertEqual(json.loads(server.ledger_json()), json.loads(expected["ledger"]))
+        metrics = json.loads(server.metrics_json())
+        self.assertEqual([m["capacity"] for m in metrics], [2, 2, 8])
+        self.assertLess(metrics[-1]["eval_loss"], metrics[0]["eval_loss"] + 1.0)
+        settings = json.loads(server.settings_json())
+        self.assertEqual(settings["aggregator"], "fedavg")  # the default, filled in
+
+    def test_bad_replies_are_failed_clients(self):
+        def corrupt(round, client, reply):
+            if round != 1:
+                return reply
+            return [b"garbage", reply[: len(reply) // 2], None][client % 3]
+
+        server = drive(SETTINGS, corrupt)
+        first = json.loads(server.metrics_json())[0]
+        reasons = dict((c, r) for c, r in first["clients_failed"])
+        self.assertEqual(sorted(reasons), sorted(first["clients_sampled"]))
+        for client, reason in reasons.items():
+            self.assertTrue(reason, client)
+        self.assertFalse(first["aggregated"])
+
+    def test_errors_are_typed(self):
+        with self.assertRaises(devft_py.InvalidArgumentError):
+            devft_py.Server({**SETTINGS, "aggregator": "fedsgd"})
+        with self.assertRaises(devft_py.InvalidArgumentError):
+            devft_py.Server({k: v for k, v in SETTINGS.items() if k != "model"})
+        with self.assertRaises(devft_py.IoError):
+            devft_py.Server({**SETTINGS, "model": "no/such/model"})
+        with self.assertRaises(devft_py.InvalidArgumentError):
+            devft_py.Client(SETTINGS, 3)
+        client = devft_py.Client(SETTINGS, 0)
+        with self.assertRaises(devft_py.InvalidMessageError):
+            client.train(None, b"DEVFTMSG not a message")
+        server = devft_py.Server(SETTINGS)
+        with self.assertRaises(devft_py.InvalidArgumentError):
+            server.finish_round(False)  # no round is open
+        self.assertTrue(issubclass(devft_py.InvalidMessageError, devft_py.DevftError))
+        self.assertTrue(issubclass(devft_py.DevftError, Exception))
+
+    def test_training_releases_the_gil(self):
+        server = devft_py.Server(SETTINGS)
+        client = devft_py.Client(SETTINGS, 0)
+        plan = server.configure_round()
+        task = next(t for t in plan["tasks"])
+        trainer = devft_py.Client(SETTINGS, task["client"])
+        ticks = 0
+        done = threading.Event()
+
+        def count():
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                time.sleep(0.001)
+
+        counter = threading.Thread(target=count)
+        counter.start()
+        started = time.perf_counter()
+        trainer.train(task["setup"], task["task"])
+        seconds = time.perf_counter() - started
+        done.set()
+        counter.join()
+        del client
+        # With the GIL held the counter could not tick at all while Rust trains.
+        self.assertGreater(ticks, 10 * seconds, f"{ticks} ticks in {seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
