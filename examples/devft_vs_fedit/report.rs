@@ -27,7 +27,7 @@ pub struct Progress {
     pub seconds: f64,
     /// Client-to-server bytes (whole messages).
     pub uplink: u64,
-    /// Server-to-client bytes (whole messages).
+    /// Server-to-client bytes (whole messages: tasks and stage set-ups).
     pub downlink: u64,
     pub eval_loss: f64,
 }
@@ -47,7 +47,7 @@ impl MethodResult {
             now.round = m.round;
             now.seconds += m.wall_seconds - m.eval_seconds;
             now.uplink += m.bytes_up.total;
-            now.downlink += m.bytes_down.total;
+            now.downlink += m.bytes_down.total + m.bytes_setup.total;
             if let Some(loss) = m.eval_loss {
                 now.eval_loss = loss;
                 out.push(now);
@@ -164,12 +164,13 @@ pub fn summary(
     }
     out += "\n### Per stage\n\n";
     out += "| method | stage | layers | rounds | time / round | evaluation / round | \
-            uplink / round | downlink / round | client memory (est.) | held-out loss at end |\n";
-    out += "|---|---|---|---|---|---|---|---|---|---|\n";
+            uplink / round | downlink / round | of which stage set-up | client memory (est.) | \
+            held-out loss at end |\n";
+    out += "|---|---|---|---|---|---|---|---|---|---|---|\n";
     for method in [devft, fedit] {
         for row in stage_rows(&method.metrics) {
             out += &format!(
-                "| {} | {} | {}/{num_layers} | {} | {:.1} s | {:.1} s | {} | {} | {:.0} MB | {:.4} |\n",
+                "| {} | {} | {}/{num_layers} | {} | {:.1} s | {:.1} s | {} | {} | {} | {:.0} MB | {:.4} |\n",
                 method.name,
                 row.stage + 1,
                 row.capacity,
@@ -178,6 +179,7 @@ pub fn summary(
                 row.eval_seconds / row.rounds as f64,
                 mb(row.uplink / row.rounds as u64),
                 mb(row.downlink / row.rounds as u64),
+                mb(row.setup / row.rounds as u64),
                 row.memory_bytes as f64 / 1e6,
                 row.final_loss
             );
@@ -195,7 +197,10 @@ struct StageRow {
     seconds: f64,
     eval_seconds: f64,
     uplink: u64,
+    /// Tasks and stage set-ups.
     downlink: u64,
+    /// Stage set-ups alone.
+    setup: u64,
     memory_bytes: u64,
     final_loss: f64,
 }
@@ -212,6 +217,7 @@ fn stage_rows(metrics: &[RoundMetrics]) -> Vec<StageRow> {
                 eval_seconds: 0.0,
                 uplink: 0,
                 downlink: 0,
+                setup: 0,
                 memory_bytes: 0,
                 final_loss: f64::NAN,
             });
@@ -221,7 +227,8 @@ fn stage_rows(metrics: &[RoundMetrics]) -> Vec<StageRow> {
         row.seconds += m.wall_seconds - m.eval_seconds;
         row.eval_seconds += m.eval_seconds;
         row.uplink += m.bytes_up.total;
-        row.downlink += m.bytes_down.total;
+        row.downlink += m.bytes_down.total + m.bytes_setup.total;
+        row.setup += m.bytes_setup.total;
         row.memory_bytes = row.memory_bytes.max(m.memory_bytes);
         row.final_loss = m.eval_loss.unwrap_or(f64::NAN);
     }
