@@ -6,8 +6,8 @@ use devft::Error;
 use devft::aggregate::ClientInstructions;
 use devft::federated::LocalTrainingConfig;
 use devft::federated::protocol::{
-    EvaluateReply, EvaluateTask, MergeSync, MergedStage, Message, PROTOCOL_VERSION, StageSetup,
-    TrainReply, TrainTask,
+    DeviceState, EvaluateReply, EvaluateTask, MergeSync, MergedStage, Message, PROTOCOL_VERSION,
+    StageSetup, TrainReply, TrainTask,
 };
 use devft::grouping::Grouping;
 use devft::{HostTensor, ParamMap};
@@ -45,7 +45,7 @@ fn train_task() -> TrainTask {
     }
 }
 
-fn setup() -> StageSetup {
+fn stage_setup() -> StageSetup {
     StageSetup {
         stage: 2,
         grouping: Grouping::new(vec![vec![0, 2], vec![1, 3]], 4).unwrap(),
@@ -130,7 +130,7 @@ fn every_message_round_trips_and_reports_its_size() {
         PROTOCOL_VERSION
     );
 
-    let setup = setup();
+    let setup = stage_setup();
     let bytes = setup.to_bytes().unwrap();
     assert_eq!(
         StageSetup::from_bytes(&bytes, usize::MAX, "peer").unwrap(),
@@ -151,6 +151,20 @@ fn every_message_round_trips_and_reports_its_size() {
         EvaluateTask::from_bytes(&bytes, usize::MAX, "peer").unwrap(),
         evaluate
     );
+
+    for personal in [None, Some((2, map(&["p"], 9.0)))] {
+        let state = DeviceState {
+            client: 4,
+            setup: stage_setup(),
+            merges: vec![map(&["a"], 1.0), map(&["a"], 2.0)],
+            personal,
+        };
+        let bytes = state.to_bytes().unwrap();
+        assert_eq!(
+            DeviceState::from_bytes(&bytes, usize::MAX, "peer").unwrap(),
+            state
+        );
+    }
 
     let answer = EvaluateReply {
         round: 9,
@@ -226,7 +240,7 @@ fn forged_headers_cannot_make_the_reader_allocate_or_misplace_tensors() {
         "unexpected tensor",
     );
     // A set-up whose history announces a merge it does not carry.
-    let setup = setup().to_bytes().unwrap();
+    let setup = stage_setup().to_bytes().unwrap();
     let mut forged = header(&setup);
     forged["history"][1][1] = serde_json::json!(1);
     assert_invalid(

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use devft::aggregate::{Aggregator, FedAvg, FedSaLora, Flora, Krum};
-use devft::federated::protocol::{EvaluateReply, Message, StageSetup, TrainTask};
+use devft::federated::protocol::{DeviceState, EvaluateReply, Message, StageSetup, TrainTask};
 use devft::federated::{
     Client, Evaluation, FederatedConfig, FederatedRun, Ledger, LocalTrainingConfig, RoundMetrics,
     Server, StageModel, Strategy, evaluate_loss,
@@ -75,13 +75,26 @@ fn personal_of(clients: &[Client], stage: usize) -> Vec<(ParamMap, usize)> {
 
 /// A run with one device per client, all traffic as bytes.
 fn distributed(aggregator: Box<dyn Aggregator>) -> Finished {
-    distributed_with(config(5), aggregator)
+    distributed_with(config(5), aggregator, Processes::Lasting)
 }
 
-/// [`distributed`] with `config`; with `stateless_clients`, every device forgets its stage
-/// after each task, as a client process started afresh for every message.
-fn distributed_with(config: FederatedConfig, aggregator: Box<dyn Aggregator>) -> Finished {
-    let stateless = config.stateless_clients;
+/// How the clients' processes live.
+#[derive(Clone, Copy, PartialEq)]
+enum Processes {
+    /// One process per client for the whole run.
+    Lasting,
+    /// A fresh process per message that keeps nothing (`stateless_clients`).
+    Forgetful,
+    /// A fresh process per message that restarts from the state the last one saved.
+    Restarted,
+}
+
+/// [`distributed`] with `config` and clients' processes living as `processes` says.
+fn distributed_with(
+    config: FederatedConfig,
+    aggregator: Box<dyn Aggregator>,
+    processes: Processes,
+) -> Finished {
     let (data, eval) = tiny_federated_data();
     let base = model();
     let mut server = Server::new(config, strategy(), aggregator, model(), data.len()).unwrap();
@@ -108,8 +121,19 @@ fn distributed_with(config: FederatedConfig, aggregator: Box<dyn Aggregator>) ->
                 .train(device.as_mut().unwrap(), &work, &device_autodiff())
                 .unwrap();
             replies.push((task.client, Ok(reply.to_bytes().unwrap())));
-            if stateless {
-                *device = None;
+            match processes {
+                Processes::Lasting => {}
+                Processes::Forgetful => *device = None,
+                Processes::Restarted => {
+                    let client = &mut clients[task.client];
+                    let saved = client.state(device.as_ref().unwrap()).to_bytes().unwrap();
+                    let state = DeviceState::from_bytes(&saved, usize::MAX, "self").unwrap();
+                    let examples = client.examples().to_vec();
+                    let (restored, stage) =
+                        Client::restore(task.client, examples, state, &base, &fuser).unwrap();
+                    *client = restored;
+                    *device = Some(stage);
+                }
             }
         }
         server.aggregate_round(replies).unwrap();
@@ -246,9 +270,21 @@ fn flora_merges_reach_clients_that_missed_rounds() {
 }
 
 #[test]
+fn clients_restarted_from_their_saved_state_give_the_same_run() {
+    for (name, make) in [
+        ("flora", (|| Box::new(Flora)) as fn() -> Box<dyn Aggregator>),
+        ("fedsa", || Box::new(FedSaLora)),
+    ] {
+        let restarted = distributed_with(config(5), make(), Processes::Restarted);
+        let together = in_process(make());
+        assert_same_run(&restarted, &together, name);
+    }
+}
+
+#[test]
 fn stateless_clients_get_everything_in_every_task_and_the_same_result() {
     let stateless = || config(5).with_stateless_clients(true);
-    let apart = distributed_with(stateless(), Box::new(Flora));
+    let apart = distributed_with(stateless(), Box::new(Flora), Processes::Forgetful);
     let together = in_process_with(stateless(), Box::new(Flora));
     assert_same_run(&apart, &together, "stateless flora");
     // The same training as with stateful clients; only the traffic differs.

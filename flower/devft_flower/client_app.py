@@ -3,8 +3,10 @@
 Flower 1.42 runs every message in a fresh `flwr-clientapp` process (both `--isolation
 subprocess` and `process`), so a `devft_py.Client` cannot stay in memory between rounds; the
 per-process cache below only helps runtimes that reuse the process. What does persist per node
-and run is `context.state`: the ClientApp keeps the last stage set-up there and hands it to a
-freshly built client, which rebuilds the stage's submodel from it.
+and run is `context.state`: after each task the ClientApp stores `client.state()` there (the
+stage's set-up, the merges applied, the client's kept tensors such as FedSA-LoRA's B) and the
+next process restarts from it with `devft_py.Client(settings, partition, state)`. That state
+stays on the node; it is not network traffic.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from devft_flower.settings import CONFIG, ERROR, RECORD, AppConfig, bytes_of, to
 
 app = ClientApp()
 
-STATE = "devft-client"  # context.state ArrayRecord: the last "setup"
+STATE = "devft-client"  # context.state ArrayRecord: "state", the client's last state()
 _CLIENTS: dict[tuple, "devft_py.Client"] = {}  # (run id, partition) -> client, per process
 
 
@@ -69,17 +71,17 @@ def train(msg: Message, context: Context) -> Message:
         if task is None:
             raise devft_py.InvalidMessageError("the message carries no `task`")
         setup = bytes_of(record, "setup")
-        if setup is not None:
-            context.state[STATE] = ArrayRecord({"setup": to_array(setup)})
         client = _CLIENTS.get((context.run_id, partition))
         if client is None:
-            # A fresh process: rebuild the stage from the last set-up this node received.
-            if setup is None and STATE in context.state:
-                setup = bytes_of(context.state[STATE], "setup")
-            client = devft_py.Client(config.devft, partition)
+            # A fresh process: restart from the state the last one left on this node.
+            saved = bytes_of(context.state[STATE], "state") if STATE in context.state else None
+            client = devft_py.Client(config.devft, partition, saved)
             _CLIENTS.clear()
             _CLIENTS[(context.run_id, partition)] = client
         reply = client.train(setup, task)
+        state = client.state()
+        if state is not None:
+            context.state[STATE] = ArrayRecord({"state": to_array(state)})
     except devft_py.DevftError as exc:
         log(LOG_ERROR, "[devft] round %s: devft error: %s", server_round, exc)
         return _error_reply(msg, f"{type(exc).__name__}: {exc}")

@@ -19,7 +19,7 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from devft_flower.settings import AppConfig, check_supported
+from devft_flower.settings import AppConfig
 from devft_flower.strategy import DevftStrategy
 
 app = ServerApp()
@@ -61,7 +61,6 @@ def main(grid: Grid, context: Context) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     server = devft_py.Server(config.devft)
     settings = json.loads(server.settings_json())
-    check_supported(settings)
     _write(out_dir / "settings.json", json.dumps(settings, indent=2, sort_keys=True))
     strategy = DevftStrategy(server, config)
     try:

@@ -120,25 +120,3 @@ def bytes_of(record: ArrayRecord, key: str) -> bytes | None:
     if key not in record:
         return None
     return from_array(record[key])
-
-
-# Aggregators whose clients must keep something between rounds that a Flower ClientApp (a
-# fresh process per message, with only the stage set-up kept in context.state) cannot keep.
-KEEPS_PERSONAL_TENSORS = {"fedsa-lora"}  # each client's own B
-MERGES_INTO_BASE = {"flora"}  # the stage's merges; fine with `stateless-clients = true`
-
-
-def check_supported(settings: Mapping[str, Any]) -> None:
-    """Refuses a run the ClientApp would get wrong (devft's settings, defaults filled in)."""
-    name = str(settings.get("aggregator", "fedavg")).split(":")[0].strip()
-    stateless = str(settings.get("stateless-clients", "false")).strip().lower() == "true"
-    if name in KEEPS_PERSONAL_TENSORS:
-        raise ValueError(
-            f"aggregator `{name}` keeps tensors on each client between rounds; a Flower "
-            "ClientApp runs in a fresh process per message and cannot keep them"
-        )
-    if name in MERGES_INTO_BASE and not stateless:
-        raise ValueError(
-            f"aggregator `{name}` merges into the clients' base weights, which a Flower "
-            "ClientApp (a fresh process per message) does not keep: set `stateless-clients = true`"
-        )

@@ -9,8 +9,9 @@ use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
 use crate::federated::evaluate::evaluate_loss;
 use crate::federated::local::train_local;
-use crate::federated::protocol::{EvaluateReply, EvaluateTask, TrainReply, TrainTask};
+use crate::federated::protocol::{DeviceState, EvaluateReply, EvaluateTask, TrainReply, TrainTask};
 use crate::federated::stage_model::StageModel;
+use crate::fusion::LayerFuser;
 use crate::model::CausalLm;
 use crate::params::ParamMap;
 
@@ -76,6 +77,49 @@ impl Client {
     /// Restores [`Client::personal`] (from a checkpoint).
     pub fn set_personal(&mut self, stage: usize, tensors: ParamMap) {
         self.personal = (!tensors.is_empty()).then_some((stage, tensors));
+    }
+
+    /// What this client and its device hold, to restart from ([`Client::restore`]).
+    pub fn state(&self, stage: &StageModel) -> DeviceState {
+        DeviceState {
+            client: self.id,
+            setup: stage.setup().clone(),
+            merges: stage.merges().to_vec(),
+            personal: self.personal.clone(),
+        }
+    }
+
+    /// Restarts client `id`, holding `examples`, from a [`Client::state`] on a device with
+    /// `base` and `fuser`: the stage is rebuilt from its set-up and the merges replayed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for the state of another client; the errors of
+    /// [`StageModel::build`] and [`StageModel::sync`].
+    pub fn restore(
+        id: usize,
+        examples: Vec<TokenizedExample>,
+        state: DeviceState,
+        base: &CausalLm,
+        fuser: &dyn LayerFuser,
+    ) -> Result<(Self, StageModel)> {
+        if state.client != id {
+            return Err(Error::InvalidArgument(format!(
+                "the state of client {} cannot restore client {id}",
+                state.client
+            )));
+        }
+        let mut stage = StageModel::build(base, &state.setup, fuser)?;
+        stage.sync(&crate::federated::protocol::MergeSync {
+            first: 0,
+            merges: state.merges,
+        })?;
+        let client = Self {
+            id,
+            examples,
+            personal: state.personal,
+        };
+        Ok((client, stage))
     }
 
     /// Trains on the task: applies the merges the device lacks, loads the task's adapter (with

@@ -12,6 +12,7 @@
 //! | [`TrainReply`]   | client to server | trained adapter (shared part), example count, metrics   |
 //! | [`EvaluateTask`] | server to client | evaluated adapter, missed merges                        |
 //! | [`EvaluateReply`]| client to server | held-out loss and its number of target tokens           |
+//! | [`DeviceState`]  | client to itself | what a client holds between rounds, to restart with      |
 //!
 //! Decoding checks the magic, the version, the header against the real length and the
 //! tensors against the header, and refuses a message longer than the caller's bound before
@@ -192,6 +193,21 @@ pub struct EvaluateReply {
     pub loss: f64,
     /// Number of target tokens the loss averages.
     pub num_targets: usize,
+}
+
+/// What a client holds between rounds, for a client process that restarts between messages
+/// (Flower starts one per message): the stage's set-up, the merges applied since, and the
+/// tensors the client keeps. It never crosses the network; it is not counted in the ledger.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceState {
+    /// The client.
+    pub client: usize,
+    /// The set-up of the stage the device holds.
+    pub setup: StageSetup,
+    /// The stage's merges the device applied, in order.
+    pub merges: Vec<ParamMap>,
+    /// The client's kept tensors and the stage they belong to.
+    pub personal: Option<(usize, ParamMap)>,
 }
 
 /// Writes a message: preamble, JSON header, tensors.
@@ -414,6 +430,115 @@ impl Message for StageSetup {
                 .flat_map(|s| &s.merges)
                 .map(ParamMap::num_values)
                 .sum::<usize>()
+    }
+}
+
+header!(DeviceStateHeader, "device_state", {
+    client: usize,
+    stage: usize,
+    grouping: Grouping,
+    fuser: String,
+    history: Vec<(Grouping, usize)>,
+    merges: usize,
+    personal_stage: Option<usize>,
+});
+
+impl Message for DeviceState {
+    const KIND: &'static str = "device_state";
+
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        let setup = &self.setup;
+        let header = DeviceStateHeader {
+            kind: Self::KIND.into(),
+            client: self.client,
+            stage: setup.stage,
+            grouping: setup.grouping.clone(),
+            fuser: setup.fuser.clone(),
+            history: setup
+                .history
+                .iter()
+                .map(|s| (s.grouping.clone(), s.merges.len()))
+                .collect(),
+            merges: self.merges.len(),
+            personal_stage: self.personal.as_ref().map(|(stage, _)| *stage),
+        };
+        let empty = ParamMap::new();
+        let parts = [
+            ("full_adapter".to_string(), &setup.full_adapter),
+            (
+                "personal".to_string(),
+                self.personal.as_ref().map_or(&empty, |(_, p)| p),
+            ),
+        ]
+        .into_iter()
+        .chain(setup.history.iter().enumerate().flat_map(|(s, stage)| {
+            stage
+                .merges
+                .iter()
+                .enumerate()
+                .map(move |(m, merge)| (format!("history.{s}.{m}"), merge))
+        }))
+        .chain(
+            self.merges
+                .iter()
+                .enumerate()
+                .map(|(m, merge)| (format!("merge.{m}"), merge)),
+        );
+        encode(&header, &joined(parts))
+    }
+
+    fn from_bytes(bytes: &[u8], max_bytes: usize, sender: &str) -> Result<Self> {
+        let (header, tensors) = decode::<DeviceStateHeader>(bytes, max_bytes, sender)?;
+        // The personal section may be empty; it is set apart from the sections that may not.
+        let (personal, tensors): (ParamMap, ParamMap) = tensors
+            .into_iter()
+            .partition(|(name, _)| name.starts_with("personal/"));
+        let personal = personal.renamed(|name| name["personal/".len()..].to_string());
+        let count = header.history.iter().map(|(_, c)| *c).sum::<usize>() + header.merges;
+        check_section_count(count, &tensors, sender)?;
+        let mut names = vec!["full_adapter".to_string()];
+        for (s, (_, count)) in header.history.iter().enumerate() {
+            names.extend(merge_sections(&format!("history.{s}."), *count));
+        }
+        names.extend(merge_sections("merge.", header.merges));
+        let mut parts = sections(tensors, &names, sender)?.into_iter();
+        let full_adapter = parts.next().expect("the first section");
+        let history = header
+            .history
+            .into_iter()
+            .map(|(grouping, count)| MergedStage {
+                grouping,
+                merges: parts.by_ref().take(count).collect(),
+            })
+            .collect();
+        let personal = match (header.personal_stage, personal.is_empty()) {
+            (Some(stage), _) => Some((stage, personal)),
+            (None, true) => None,
+            (None, false) => {
+                return Err(Error::InvalidMessage {
+                    sender: sender.to_string(),
+                    reason: "personal tensors without their stage".into(),
+                });
+            }
+        };
+        Ok(Self {
+            client: header.client,
+            setup: StageSetup {
+                stage: header.stage,
+                grouping: header.grouping,
+                fuser: header.fuser,
+                full_adapter,
+                history,
+            },
+            merges: parts.collect(),
+            personal,
+        })
+    }
+
+    fn num_values(&self) -> usize {
+        self.setup.num_values()
+            + self.merges.iter().map(ParamMap::num_values).sum::<usize>()
+            + self.personal.as_ref().map_or(0, |(_, p)| p.num_values())
     }
 }
 

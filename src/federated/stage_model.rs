@@ -16,8 +16,7 @@ use crate::transfer::{build_submodel, transfer_lora, transfer_merge};
 /// [`StageSetup`], so they hold the same submodel without it ever being sent.
 #[derive(Debug, Clone)]
 pub struct StageModel {
-    stage: usize,
-    grouping: Grouping,
+    setup: StageSetup,
     full: CausalLm,
     submodel: CausalLm,
     merges: Vec<ParamMap>,
@@ -44,8 +43,7 @@ impl StageModel {
         let full = full_model(base, &setup.history, &setup.full_adapter)?;
         let submodel = build_submodel(&full, &setup.grouping, fuser)?;
         Ok(Self {
-            stage: setup.stage,
-            grouping: setup.grouping.clone(),
+            setup: setup.clone(),
             full,
             submodel,
             merges: Vec::new(),
@@ -54,12 +52,17 @@ impl StageModel {
 
     /// The stage index.
     pub fn stage(&self) -> usize {
-        self.stage
+        self.setup.stage
     }
 
     /// The stage's grouping.
     pub fn grouping(&self) -> &Grouping {
-        &self.grouping
+        &self.setup.grouping
+    }
+
+    /// The set-up the stage was built from.
+    pub fn setup(&self) -> &StageSetup {
+        &self.setup
     }
 
     /// The fused submodel with this stage's merges applied (its adapter is whatever was
@@ -85,7 +88,7 @@ impl StageModel {
                 "merges from {} were sent, but this device has applied only {} of stage {}",
                 sync.first,
                 self.merges.len(),
-                self.stage
+                self.setup.stage
             )));
         }
         for merge in sync.merges.iter().skip(self.merges.len() - sync.first) {
@@ -105,9 +108,9 @@ impl StageModel {
         let mut submodel = self.submodel.clone();
         submodel.load_lora_params(adapter)?;
         let mut full = self.full.clone();
-        transfer_lora(&mut full, &submodel, &self.grouping)?;
+        transfer_lora(&mut full, &submodel, &self.setup.grouping)?;
         for merge in &self.merges {
-            transfer_merge(&mut full, &self.grouping, merge)?;
+            transfer_merge(&mut full, &self.setup.grouping, merge)?;
         }
         Ok(full)
     }

@@ -31,7 +31,7 @@ use burn::tensor::Device;
 use devft::Error;
 use devft::ParamMap;
 use devft::data::TokenizedExample;
-use devft::federated::protocol::{EvaluateTask, Message, StageSetup, TrainTask};
+use devft::federated::protocol::{DeviceState, EvaluateTask, Message, StageSetup, TrainTask};
 use devft::federated::{Client, Evaluation, FederatedRun, Server, StageModel, evaluate_loss};
 use devft::fusion::LayerFuser;
 use devft::model::CausalLm;
@@ -185,10 +185,20 @@ impl PyServer {
             guarded(|| {
                 let (device, _) = devices()?;
                 let (eval, clients) = settings.data()?;
+                let aggregator = settings.aggregator()?;
+                if aggregator.client_instructions().personal_lora_b {
+                    // Its evaluation and stage transfer need every client's own B, which no
+                    // message brings to the server yet.
+                    return Err(Error::InvalidArgument(format!(
+                        "{} keeps tensors on clients that the server needs at a stage's end; \
+                         it runs in process only (FederatedRun)",
+                        aggregator.name()
+                    )));
+                }
                 let server = Server::new(
                     settings.federated_config()?,
                     settings.strategy()?,
-                    settings.aggregator()?,
+                    aggregator,
                     settings.model(&device)?,
                     clients.len(),
                 )?;
@@ -356,9 +366,17 @@ struct PyClient {
 
 #[pymethods]
 impl PyClient {
-    /// Client `partition_id` of the run's settings: loads the model and its partition.
+    /// Client `partition_id` of the run's settings: loads the model and its partition, and,
+    /// given the bytes of an earlier `state()`, restarts from it (the stage rebuilt, its
+    /// merges replayed, the client's kept tensors back).
     #[new]
-    fn new(py: Python<'_>, settings: &Bound<'_, PyDict>, partition_id: usize) -> PyResult<Self> {
+    #[pyo3(signature = (settings, partition_id, state = None))]
+    fn new(
+        py: Python<'_>,
+        settings: &Bound<'_, PyDict>,
+        partition_id: usize,
+        state: Option<Vec<u8>>,
+    ) -> PyResult<Self> {
         let settings = settings_from(settings)?;
         let state = py.detach(|| {
             guarded(|| {
@@ -376,11 +394,23 @@ impl PyClient {
                     .filter(|(i, _)| i % partitions == partition_id)
                     .map(|(_, e)| e)
                     .collect();
+                let examples = clients.swap_remove(partition_id);
+                let base = settings.model(&device)?;
+                let fuser = settings.strategy()?.fuser;
+                let (client, stage) = match state {
+                    Some(bytes) => {
+                        let state = DeviceState::from_bytes(&bytes, usize::MAX, "saved state")?;
+                        let (client, stage) =
+                            Client::restore(partition_id, examples, state, &base, fuser.as_ref())?;
+                        (client, Some(stage))
+                    }
+                    None => (Client::new(partition_id, examples), None),
+                };
                 Ok(Box::new(ClientState {
-                    client: Client::new(partition_id, clients.swap_remove(partition_id)),
-                    base: settings.model(&device)?,
-                    fuser: settings.strategy()?.fuser,
-                    stage: None,
+                    client,
+                    base,
+                    fuser,
+                    stage,
                     held_out,
                     train_device,
                 }))
@@ -418,6 +448,23 @@ impl PyClient {
             })
         })?;
         Ok(PyBytes::new(py, &reply))
+    }
+
+    /// What the client holds (the stage's set-up, the merges applied, its kept tensors), as
+    /// bytes to restart from with `Client(settings, partition_id, state)`; `None` before
+    /// its first stage. Local: never sent, never counted.
+    fn state<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let bytes = py.detach(|| {
+            let state = lock(&self.state)?;
+            guarded(|| {
+                state
+                    .stage
+                    .as_ref()
+                    .map(|stage| state.client.state(stage).to_bytes())
+                    .transpose()
+            })
+        })?;
+        Ok(bytes.map(|b| PyBytes::new(py, &b)))
     }
 
     /// Evaluates on the client's share of the held-out examples and returns the reply.
