@@ -64,7 +64,7 @@ use common::*;
 use devft::aggregate::ClientInstructions;
 use devft::aggregate::FedAvg;
 use devft::federated::protocol::{
-    MergeSync, MergedStage, Message, StageSetup, TrainReply, TrainTask,
+    MergeSync, MergedStage, Message, StageSetup, StartAdapter, TrainReply, TrainTask,
 };
 use devft::federated::{
     FederatedConfig, FederatedRun, LocalTrainingConfig, Strategy as RunStrategy,
@@ -1776,7 +1776,9 @@ fn message_seed(kind: MessageKind) -> Vec<u8> {
             stage: 1,
             grouping: Grouping::new(vec![vec![0, 2], vec![1]], 3).unwrap(),
             fuser: "mean".into(),
-            full_adapter: small_map(),
+            start: StartAdapter::Full {
+                adapter: small_map(),
+            },
             history: vec![MergedStage {
                 grouping: Grouping::singletons(3),
                 merges: vec![other],

@@ -7,7 +7,7 @@ use devft::aggregate::ClientInstructions;
 use devft::federated::LocalTrainingConfig;
 use devft::federated::protocol::{
     DeviceState, EvaluateReply, EvaluateTask, MergeSync, MergedStage, Message, PROTOCOL_VERSION,
-    StageSetup, TrainReply, TrainTask,
+    StageSetup, StartAdapter, TrainReply, TrainTask,
 };
 use devft::grouping::Grouping;
 use devft::{HostTensor, ParamMap};
@@ -50,7 +50,10 @@ fn stage_setup() -> StageSetup {
         stage: 2,
         grouping: Grouping::new(vec![vec![0, 2], vec![1, 3]], 4).unwrap(),
         fuser: "differential(beta=0.2)".into(),
-        full_adapter: map(&["x", "y"], 0.5),
+        start: StartAdapter::PerGroup {
+            grouping: Grouping::new(vec![vec![0, 1, 2], vec![3]], 4).unwrap(),
+            adapter: map(&["x", "y"], 0.5),
+        },
         history: vec![
             MergedStage {
                 grouping: Grouping::new(vec![vec![0, 1, 2, 3]], 4).unwrap(),
@@ -152,6 +155,18 @@ fn every_message_round_trips_and_reports_its_size() {
         evaluate
     );
 
+    let initial = StageSetup {
+        start: StartAdapter::Initial {
+            sha256: "ab".repeat(32),
+        },
+        ..stage_setup()
+    };
+    let bytes = initial.to_bytes().unwrap();
+    assert_eq!(
+        StageSetup::from_bytes(&bytes, usize::MAX, "peer").unwrap(),
+        initial
+    );
+
     for personal in [None, Some((2, map(&["p"], 9.0)))] {
         let state = DeviceState {
             client: 4,
@@ -242,14 +257,14 @@ fn forged_headers_cannot_make_the_reader_allocate_or_misplace_tensors() {
     // A set-up whose history announces a merge it does not carry.
     let setup = stage_setup().to_bytes().unwrap();
     let mut forged = header(&setup);
-    forged["history"][1][1] = serde_json::json!(1);
+    forged["setup"]["history"][1][1] = serde_json::json!(1);
     assert_invalid(
         StageSetup::from_bytes(&with_header(&setup, &forged), usize::MAX, "peer"),
         "no tensor",
     );
     // A grouping that is not a partition is refused by the header's parser.
     let mut forged = header(&setup);
-    forged["grouping"]["groups"] = serde_json::json!([[0, 1], [1, 2, 3]]);
+    forged["setup"]["grouping"]["groups"] = serde_json::json!([[0, 1], [1, 2, 3]]);
     assert_invalid(
         StageSetup::from_bytes(&with_header(&setup, &forged), usize::MAX, "peer"),
         "bad header",

@@ -8,10 +8,12 @@ mod common;
 
 use common::*;
 use devft::aggregate::{Aggregator, FedAvg, FedSaLora, Flora, Krum};
-use devft::federated::protocol::{DeviceState, EvaluateReply, Message, StageSetup, TrainTask};
+use devft::federated::protocol::{
+    DeviceState, EvaluateReply, Message, StageSetup, StartAdapter, TrainTask,
+};
 use devft::federated::{
     Client, Evaluation, FederatedConfig, FederatedRun, Ledger, LocalTrainingConfig, RoundMetrics,
-    Server, StageModel, Strategy, evaluate_loss,
+    Server, StageModel, Strategy, adapter_sha256, compact_start, evaluate_loss,
 };
 use devft::fusion::{DifferentialFuser, MeanFuser};
 use devft::grouping::SpectralGrouper;
@@ -472,6 +474,66 @@ fn federated_evaluation_equals_evaluating_the_servers_model() {
     );
     let evaluation_traffic = server.ledger().entries.iter().filter(|e| e.evaluation);
     assert_eq!(evaluation_traffic.filter(|e| e.up.total > 0).count(), 2);
+}
+
+#[test]
+fn set_ups_send_the_start_adapter_compactly_and_exactly() {
+    let (data, _) = tiny_federated_data();
+    let mut server =
+        Server::new(config(5), strategy(), Box::new(FedAvg), model(), data.len()).unwrap();
+    let mut setups = Vec::new();
+    while !server.is_finished() {
+        let tasks = server.configure_round().unwrap();
+        if setups.len() == tasks.stage {
+            let bytes = tasks.tasks.iter().find_map(|t| t.setup.as_ref()).unwrap();
+            setups.push(StageSetup::from_bytes(bytes, usize::MAX, "server").unwrap());
+        }
+        let replies = tasks
+            .tasks
+            .iter()
+            .map(|t| (t.client, Err("not trained here".to_string())))
+            .collect();
+        server.aggregate_round(replies).unwrap();
+        server.finish_round(None, &[]).unwrap();
+    }
+    // Stage 0: the initial adapter, named by its hash; nothing travels.
+    let initial = model().lora_params();
+    assert_eq!(
+        setups[0].start,
+        StartAdapter::Initial {
+            sha256: adapter_sha256(&initial).unwrap()
+        }
+    );
+    assert_eq!(setups[0].num_values(), 0);
+    // Stage 1: one adapter per group of stage 0's two groups: a quarter of the 8 layers'.
+    let StartAdapter::PerGroup { grouping, adapter } = &setups[1].start else {
+        panic!("stage 1 starts from {:?}", setups[1].start);
+    };
+    assert_eq!(grouping.len(), 2);
+    assert_eq!(4 * adapter.num_values(), initial.num_values());
+    // Expanded on a device, it is exactly the server's full model's adapter (no client
+    // trained, so stage 1 ended where it started).
+    let stage = StageModel::build(&model(), &setups[1], &DifferentialFuser::default()).unwrap();
+    let expected = server.model().unwrap().lora_params();
+    assert_eq!(
+        stage
+            .knowledge(&stage.submodel().lora_params())
+            .unwrap()
+            .lora_params(),
+        expected
+    );
+    // A device whose base starts from another adapter (another seed) refuses stage 0.
+    let other = CausalLm::load(tiny_llama_dir(), &device())
+        .unwrap()
+        .with_lora(&LoraConfig::new(4, 8.0), 1)
+        .unwrap();
+    let err = StageModel::build(&other, &setups[0], &DifferentialFuser::default()).unwrap_err();
+    assert!(err.to_string().contains("SHA-256"), "{err}");
+    // Without a grouping to compress by, or for an adapter that is not per group, the whole.
+    assert!(matches!(
+        compact_start(&initial, Some(grouping)).unwrap(),
+        StartAdapter::Full { .. }
+    ));
 }
 
 #[test]

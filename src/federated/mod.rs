@@ -32,7 +32,7 @@ pub use local::{LocalOutcome, LocalTrainingConfig, train_local};
 pub use metrics::{Ledger, LedgerEntry, RoundMetrics, WireSize};
 pub use runner::{FederatedRun, RunOutcome};
 pub use server::{ClientTask, Evaluation, PersonalState, RoundTasks, Server};
-pub use stage_model::{StageModel, full_model};
+pub use stage_model::{StageModel, adapter_sha256, compact_start, full_model};
 
 use burn::config::Config;
 

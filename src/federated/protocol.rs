@@ -103,12 +103,66 @@ pub struct StageSetup {
     /// The fuser and its parameters ([`crate::fusion::LayerFuser::describe`]); a client
     /// refuses a stage whose fuser differs from its own.
     pub fuser: String,
-    /// The full model's adapter at the stage's start (every layer's, after the transfers of
-    /// the stages before).
-    pub full_adapter: ParamMap,
-    /// Merging aggregators (FLoRA): what earlier stages merged into the base weights, stage
-    /// by stage; empty otherwise.
+    /// The full model's adapter at the stage's start, as compactly as it can travel.
+    pub start: StartAdapter,
+    /// What earlier stages merged into the base weights (merging aggregators such as FLoRA;
+    /// otherwise each finished stage with no merge), stage by stage.
     pub history: Vec<MergedStage>,
+}
+
+/// The full model's adapter at a stage's start, in its most compact exact form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StartAdapter {
+    /// The adapter every device's base model starts with (attached with the run's seed),
+    /// identified by the SHA-256 of its safetensors bytes; a device with another refuses the
+    /// stage. Nothing else travels.
+    Initial {
+        /// Lower-case hex SHA-256 of the adapter's safetensors bytes.
+        sha256: String,
+    },
+    /// After a stage's transfer every layer of a group holds the same adapter: it travels
+    /// once per group of `grouping` (the previous stage's), named as that stage's submodel
+    /// names its layers.
+    PerGroup {
+        /// The previous stage's grouping.
+        grouping: Grouping,
+        /// One adapter per group.
+        #[serde(skip)]
+        adapter: ParamMap,
+    },
+    /// Every layer's adapter.
+    Full {
+        /// The adapter.
+        #[serde(skip)]
+        adapter: ParamMap,
+    },
+}
+
+impl StartAdapter {
+    /// The tensors that travel.
+    fn tensors(&self) -> &ParamMap {
+        static EMPTY: std::sync::OnceLock<ParamMap> = std::sync::OnceLock::new();
+        match self {
+            StartAdapter::Initial { .. } => EMPTY.get_or_init(ParamMap::new),
+            StartAdapter::PerGroup { adapter, .. } | StartAdapter::Full { adapter } => adapter,
+        }
+    }
+
+    /// The same start with `tensors` as its adapter (decoding).
+    fn with_tensors(self, tensors: ParamMap, sender: &str) -> Result<Self> {
+        match self {
+            StartAdapter::Initial { .. } if !tensors.is_empty() => Err(Error::InvalidMessage {
+                sender: sender.to_string(),
+                reason: "an initial start adapter carries no tensor".into(),
+            }),
+            StartAdapter::Initial { sha256 } => Ok(StartAdapter::Initial { sha256 }),
+            StartAdapter::PerGroup { grouping, .. } => Ok(StartAdapter::PerGroup {
+                grouping,
+                adapter: tensors,
+            }),
+            StartAdapter::Full { .. } => Ok(StartAdapter::Full { adapter: tensors }),
+        }
+    }
 }
 
 /// The merges of one finished stage: each merge adapter (named in the stage's submodel
@@ -361,51 +415,69 @@ macro_rules! header {
     };
 }
 
-header!(SetupHeader, "stage_setup", {
+/// The set-up's fields that travel in a header.
+#[derive(Serialize, Deserialize)]
+struct SetupFields {
     stage: usize,
     grouping: Grouping,
     fuser: String,
+    start: StartAdapter,
     history: Vec<(Grouping, usize)>,
-});
+}
 
-impl Message for StageSetup {
-    const KIND: &'static str = "stage_setup";
+impl SetupFields {
+    /// The merges the history announces, plus `more` (saturating: a forged count must not
+    /// overflow).
+    fn merge_count(&self, more: usize) -> usize {
+        self.history
+            .iter()
+            .fold(more, |total, (_, count)| total.saturating_add(*count))
+    }
+}
 
-    fn to_bytes(&self) -> Result<Vec<u8>> {
-        let header = SetupHeader {
-            kind: Self::KIND.into(),
+impl StageSetup {
+    /// The header fields and the tensor sections of the set-up.
+    fn parts(&self) -> (SetupFields, Vec<(String, &ParamMap)>) {
+        let fields = SetupFields {
             stage: self.stage,
             grouping: self.grouping.clone(),
             fuser: self.fuser.clone(),
+            start: self.start.clone(),
             history: self
                 .history
                 .iter()
                 .map(|s| (s.grouping.clone(), s.merges.len()))
                 .collect(),
         };
-        let parts = std::iter::once(("full_adapter".to_string(), &self.full_adapter)).chain(
-            self.history.iter().enumerate().flat_map(|(s, stage)| {
-                stage
-                    .merges
-                    .iter()
-                    .enumerate()
-                    .map(move |(m, merge)| (format!("history.{s}.{m}"), merge))
-            }),
-        );
-        encode(&header, &joined(parts))
+        let mut parts = vec![("start".to_string(), self.start.tensors())];
+        for (s, stage) in self.history.iter().enumerate() {
+            for (m, merge) in stage.merges.iter().enumerate() {
+                parts.push((format!("history.{s}.{m}"), merge));
+            }
+        }
+        (fields, parts)
     }
 
-    fn from_bytes(bytes: &[u8], max_bytes: usize, sender: &str) -> Result<Self> {
-        let (header, tensors) = decode::<SetupHeader>(bytes, max_bytes, sender)?;
-        let count = header.history.iter().map(|(_, count)| *count).sum();
-        check_section_count(count, &tensors, sender)?;
-        let mut names = vec!["full_adapter".to_string()];
-        for (s, (_, count)) in header.history.iter().enumerate() {
+    /// The section names [`StageSetup::parts`] writes for `fields`.
+    fn section_names(fields: &SetupFields) -> Vec<String> {
+        let mut names = vec!["start".to_string()];
+        for (s, (_, count)) in fields.history.iter().enumerate() {
             names.extend(merge_sections(&format!("history.{s}."), *count));
         }
-        let mut parts = sections(tensors, &names, sender)?.into_iter();
-        let full_adapter = parts.next().expect("the first section");
-        let history = header
+        names
+    }
+
+    /// The set-up from its fields and its sections (in [`StageSetup::section_names`] order,
+    /// taken from the front of `parts`).
+    fn from_parts(
+        fields: SetupFields,
+        parts: &mut impl Iterator<Item = ParamMap>,
+        sender: &str,
+    ) -> Result<Self> {
+        let start = fields
+            .start
+            .with_tensors(parts.next().unwrap_or_default(), sender)?;
+        let history = fields
             .history
             .into_iter()
             .map(|(grouping, count)| MergedStage {
@@ -414,16 +486,41 @@ impl Message for StageSetup {
             })
             .collect();
         Ok(Self {
-            stage: header.stage,
-            grouping: header.grouping,
-            fuser: header.fuser,
-            full_adapter,
+            stage: fields.stage,
+            grouping: fields.grouping,
+            fuser: fields.fuser,
+            start,
             history,
         })
     }
+}
+
+header!(SetupHeader, "stage_setup", {
+    setup: SetupFields,
+});
+
+impl Message for StageSetup {
+    const KIND: &'static str = "stage_setup";
+
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        let (setup, parts) = self.parts();
+        let header = SetupHeader {
+            kind: Self::KIND.into(),
+            setup,
+        };
+        encode(&header, &joined(parts))
+    }
+
+    fn from_bytes(bytes: &[u8], max_bytes: usize, sender: &str) -> Result<Self> {
+        let (header, tensors) = decode::<SetupHeader>(bytes, max_bytes, sender)?;
+        check_section_count(header.setup.merge_count(0), &tensors, sender)?;
+        let names = Self::section_names(&header.setup);
+        let mut parts = sections(tensors, &names, sender)?.into_iter();
+        Self::from_parts(header.setup, &mut parts, sender)
+    }
 
     fn num_values(&self) -> usize {
-        self.full_adapter.num_values()
+        self.start.tensors().num_values()
             + self
                 .history
                 .iter()
@@ -435,10 +532,7 @@ impl Message for StageSetup {
 
 header!(DeviceStateHeader, "device_state", {
     client: usize,
-    stage: usize,
-    grouping: Grouping,
-    fuser: String,
-    history: Vec<(Grouping, usize)>,
+    setup: SetupFields,
     merges: usize,
     personal_stage: Option<usize>,
 });
@@ -447,43 +541,22 @@ impl Message for DeviceState {
     const KIND: &'static str = "device_state";
 
     fn to_bytes(&self) -> Result<Vec<u8>> {
-        let setup = &self.setup;
+        let (setup, mut parts) = self.setup.parts();
+        let empty = ParamMap::new();
+        parts.push((
+            "personal".to_string(),
+            self.personal.as_ref().map_or(&empty, |(_, p)| p),
+        ));
+        for (m, merge) in self.merges.iter().enumerate() {
+            parts.push((format!("merge.{m}"), merge));
+        }
         let header = DeviceStateHeader {
             kind: Self::KIND.into(),
             client: self.client,
-            stage: setup.stage,
-            grouping: setup.grouping.clone(),
-            fuser: setup.fuser.clone(),
-            history: setup
-                .history
-                .iter()
-                .map(|s| (s.grouping.clone(), s.merges.len()))
-                .collect(),
+            setup,
             merges: self.merges.len(),
             personal_stage: self.personal.as_ref().map(|(stage, _)| *stage),
         };
-        let empty = ParamMap::new();
-        let parts = [
-            ("full_adapter".to_string(), &setup.full_adapter),
-            (
-                "personal".to_string(),
-                self.personal.as_ref().map_or(&empty, |(_, p)| p),
-            ),
-        ]
-        .into_iter()
-        .chain(setup.history.iter().enumerate().flat_map(|(s, stage)| {
-            stage
-                .merges
-                .iter()
-                .enumerate()
-                .map(move |(m, merge)| (format!("history.{s}.{m}"), merge))
-        }))
-        .chain(
-            self.merges
-                .iter()
-                .enumerate()
-                .map(|(m, merge)| (format!("merge.{m}"), merge)),
-        );
         encode(&header, &joined(parts))
     }
 
@@ -494,23 +567,11 @@ impl Message for DeviceState {
             .into_iter()
             .partition(|(name, _)| name.starts_with("personal/"));
         let personal = personal.renamed(|name| name["personal/".len()..].to_string());
-        let count = header.history.iter().map(|(_, c)| *c).sum::<usize>() + header.merges;
-        check_section_count(count, &tensors, sender)?;
-        let mut names = vec!["full_adapter".to_string()];
-        for (s, (_, count)) in header.history.iter().enumerate() {
-            names.extend(merge_sections(&format!("history.{s}."), *count));
-        }
+        check_section_count(header.setup.merge_count(header.merges), &tensors, sender)?;
+        let mut names = StageSetup::section_names(&header.setup);
         names.extend(merge_sections("merge.", header.merges));
         let mut parts = sections(tensors, &names, sender)?.into_iter();
-        let full_adapter = parts.next().expect("the first section");
-        let history = header
-            .history
-            .into_iter()
-            .map(|(grouping, count)| MergedStage {
-                grouping,
-                merges: parts.by_ref().take(count).collect(),
-            })
-            .collect();
+        let setup = StageSetup::from_parts(header.setup, &mut parts, sender)?;
         let personal = match (header.personal_stage, personal.is_empty()) {
             (Some(stage), _) => Some((stage, personal)),
             (None, true) => None,
@@ -523,13 +584,7 @@ impl Message for DeviceState {
         };
         Ok(Self {
             client: header.client,
-            setup: StageSetup {
-                stage: header.stage,
-                grouping: header.grouping,
-                fuser: header.fuser,
-                full_adapter,
-                history,
-            },
+            setup,
             merges: parts.collect(),
             personal,
         })

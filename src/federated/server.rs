@@ -19,7 +19,7 @@ use crate::federated::metrics::{Ledger, LedgerEntry, RoundMetrics};
 use crate::federated::protocol::{
     EvaluateReply, EvaluateTask, MergeSync, MergedStage, Message, StageSetup, TrainReply, TrainTask,
 };
-use crate::federated::stage_model::{StageModel, full_model};
+use crate::federated::stage_model::{StageModel, compact_start, full_model};
 use crate::federated::{FederatedConfig, Strategy};
 use crate::grouping::Grouping;
 use crate::model::CausalLm;
@@ -792,11 +792,12 @@ impl Server {
         merges: Vec<ParamMap>,
         global: Option<ParamMap>,
     ) -> Result<ServerStage> {
+        let previous = self.history.last().map(|s| &s.grouping);
         let setup = StageSetup {
             stage: self.state.stage,
             grouping,
             fuser: self.strategy.fuser.describe(),
-            full_adapter: self.full_adapter.clone(),
+            start: compact_start(&self.full_adapter, previous)?,
             history: self.history.clone(),
         };
         let mut model = StageModel::build(&self.base, &setup, self.strategy.fuser.as_ref())?;

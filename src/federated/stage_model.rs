@@ -1,7 +1,7 @@
 //! A device's copy of the current stage, built from a [`StageSetup`] and its own base model.
 
 use crate::error::{Error, Result};
-use crate::federated::protocol::{MergeSync, MergedStage, StageSetup};
+use crate::federated::protocol::{MergeSync, MergedStage, StageSetup, StartAdapter};
 use crate::fusion::LayerFuser;
 use crate::grouping::Grouping;
 use crate::model::CausalLm;
@@ -40,7 +40,8 @@ impl StageModel {
                 fuser.describe()
             )));
         }
-        let full = full_model(base, &setup.history, &setup.full_adapter)?;
+        let adapter = start_adapter(base, &setup.start)?;
+        let full = full_model(base, &setup.history, &adapter)?;
         let submodel = build_submodel(&full, &setup.grouping, fuser)?;
         Ok(Self {
             setup: setup.clone(),
@@ -140,4 +141,101 @@ pub fn full_model(
     }
     full.load_lora_params(adapter)?;
     Ok(full)
+}
+
+/// Lower-case hex SHA-256 of an adapter's safetensors bytes: how a stage's set-up names the
+/// initial adapter every device starts with.
+///
+/// # Errors
+///
+/// As [`ParamMap::to_safetensors_bytes`].
+pub fn adapter_sha256(adapter: &ParamMap) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    Ok(format!(
+        "{:x}",
+        Sha256::digest(adapter.to_safetensors_bytes()?)
+    ))
+}
+
+/// The most compact exact [`StartAdapter`] for `adapter` (a full model's), given the grouping
+/// of the stage before, if any: the initial adapter's hash before the first stage; one
+/// adapter per group when every member of each group holds its anchor's (as after a
+/// transfer); else the whole adapter.
+///
+/// # Errors
+///
+/// As [`adapter_sha256`].
+pub fn compact_start(adapter: &ParamMap, previous: Option<&Grouping>) -> Result<StartAdapter> {
+    let Some(grouping) = previous else {
+        return Ok(StartAdapter::Initial {
+            sha256: adapter_sha256(adapter)?,
+        });
+    };
+    let layer = |i: usize| format!("model.layers.{i}.");
+    let mut per_group = ParamMap::new();
+    for (g, group) in grouping.groups().iter().enumerate() {
+        let anchor = layer(group[0]);
+        for (name, tensor) in adapter.iter().filter(|(n, _)| n.starts_with(&anchor)) {
+            per_group.insert(
+                format!("{}{}", layer(g), &name[anchor.len()..]),
+                tensor.clone(),
+            );
+        }
+    }
+    let exact = expand(&per_group, grouping).is_ok_and(|expanded| &expanded == adapter);
+    Ok(if exact {
+        StartAdapter::PerGroup {
+            grouping: grouping.clone(),
+            adapter: per_group,
+        }
+    } else {
+        StartAdapter::Full {
+            adapter: adapter.clone(),
+        }
+    })
+}
+
+/// One adapter per group (named by group) copied to every member layer.
+fn expand(per_group: &ParamMap, grouping: &Grouping) -> Result<ParamMap> {
+    let mut full = ParamMap::new();
+    for (name, tensor) in per_group.iter() {
+        let slot = crate::model::split_layer_name(name).filter(|(g, _)| *g < grouping.len());
+        let Some((group, inner)) = slot else {
+            return Err(Error::UnexpectedTensor {
+                name: name.to_string(),
+            });
+        };
+        for member in &grouping.groups()[group] {
+            full.insert(format!("model.layers.{member}.{inner}"), tensor.clone());
+        }
+    }
+    Ok(full)
+}
+
+/// The full model's adapter a set-up's start describes, on a device with `base`.
+fn start_adapter(base: &CausalLm, start: &StartAdapter) -> Result<ParamMap> {
+    match start {
+        StartAdapter::Initial { sha256 } => {
+            let own = base.lora_params();
+            let ours = adapter_sha256(&own)?;
+            if &ours != sha256 {
+                return Err(Error::InvalidArgument(format!(
+                    "this device's initial adapter (SHA-256 {ours}) is not the run's ({sha256}): \
+                     the model or the LoRA settings or seed differ"
+                )));
+            }
+            Ok(own)
+        }
+        StartAdapter::PerGroup { grouping, adapter } => {
+            if grouping.num_layers() != base.num_layers() {
+                return Err(Error::InvalidArgument(format!(
+                    "the start adapter's grouping covers {} layers, the model has {}",
+                    grouping.num_layers(),
+                    base.num_layers()
+                )));
+            }
+            expand(adapter, grouping)
+        }
+        StartAdapter::Full { adapter } => Ok(adapter.clone()),
+    }
 }
