@@ -104,7 +104,9 @@ fn fedsa_lora_averages_a_and_keeps_b() {
     let new = FedSaLora.aggregate(&global, &updates).unwrap();
     assert_eq!(values(&new, "layers.0.q.lora_A.weight"), [3.0, 5.0]);
     assert_eq!(values(&new, "layers.0.q.lora_B.weight"), [5.0]);
-    assert!(FedSaLora.client_instructions().personal_lora_b);
+    let instructions = FedSaLora.client_instructions();
+    assert!(instructions.keeps_on_client("model.layers.3.mlp.up_proj.lora_B.weight"));
+    assert!(!instructions.keeps_on_client("model.layers.3.mlp.up_proj.lora_A.weight"));
 }
 
 #[test]

@@ -34,7 +34,7 @@ fn train_task() -> TrainTask {
         instructions: ClientInstructions {
             proximal_mu: 0.01,
             freeze_lora_a: false,
-            personal_lora_b: true,
+            kept_on_client: vec![".lora_B.".into()],
         },
         local: LocalTrainingConfig::new().with_local_steps(7),
         adapter: map(&["a", "b.c"], 1.0),

@@ -6,8 +6,8 @@ use crate::error::Result;
 use crate::params::ParamMap;
 
 /// Clients keep their own `lora_B` from round to round and send only `lora_A`
-/// ([`ClientInstructions::personal_lora_b`], applied by devft's federated loop, which also
-/// counts only the `A` bytes as uplink); the server averages the `A` tensors by examples and
+/// ([`ClientInstructions::kept_on_client`] is `[".lora_B."]`: clients and server apply it, and
+/// only the `A` bytes travel); the server averages the `A` tensors by examples and
 /// leaves the global `B` as it is.
 ///
 /// devft's loop evaluates (and transfers between DevFT stages) the global `A` with the
@@ -23,7 +23,7 @@ impl Aggregator for FedSaLora {
 
     fn client_instructions(&self) -> ClientInstructions {
         ClientInstructions {
-            personal_lora_b: true,
+            kept_on_client: vec![".lora_B.".into()],
             ..Default::default()
         }
     }

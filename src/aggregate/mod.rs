@@ -69,16 +69,25 @@ pub struct ClientInstructions {
     pub proximal_mu: f64,
     /// FFA-LoRA: keep every `lora_A` at its received value (train `B` only).
     pub freeze_lora_a: bool,
-    /// FedSA-LoRA: keep `lora_B` on the client between rounds and send only `lora_A`.
-    pub personal_lora_b: bool,
+    /// Adapter tensors whose name contains one of these stay on the client between rounds
+    /// and never travel (FedSA-LoRA: `[".lora_B."]`).
+    pub kept_on_client: Vec<String>,
 }
 
 impl ClientInstructions {
-    /// Whether the adapter tensor `name` stays on the client instead of travelling (FedSA-LoRA's
-    /// `B`). Such a tensor starts from the stage's fused value on each client and then stays
-    /// there; the server fills it from the global adapter before aggregating a reply.
+    /// Whether the adapter tensor `name` stays on the client instead of travelling
+    /// ([`ClientInstructions::kept_on_client`]). Such a tensor starts from the stage's fused
+    /// value on each client and then stays there; the server fills it from the global adapter
+    /// before aggregating a reply.
     pub fn keeps_on_client(&self, name: &str) -> bool {
-        self.personal_lora_b && !is_lora_a(name)
+        self.kept_on_client
+            .iter()
+            .any(|part| name.contains(part.as_str()))
+    }
+
+    /// Whether any tensor stays on clients.
+    pub fn keeps_any(&self) -> bool {
+        !self.kept_on_client.is_empty()
     }
 }
 

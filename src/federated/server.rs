@@ -197,7 +197,7 @@ impl Server {
                 "the model has no LoRA adapter; attach one with `with_lora`".into(),
             ));
         }
-        if config.stateless_clients && aggregator.client_instructions().personal_lora_b {
+        if config.stateless_clients && aggregator.client_instructions().keeps_any() {
             return Err(Error::InvalidArgument(format!(
                 "{} keeps tensors on clients, which stateless clients cannot",
                 aggregator.name()
@@ -959,7 +959,14 @@ impl Server {
             .current
             .as_ref()
             .map_or_else(ParamMap::new, |c| c.global.clone());
-        split_personal(&checkpoint.personal, &global, self.state.num_clients).map(Some)
+        let instructions = self.aggregator.client_instructions();
+        split_personal(
+            &checkpoint.personal,
+            &global,
+            &instructions,
+            self.state.num_clients,
+        )
+        .map(Some)
     }
 }
 /// The update a reply carries: checked to answer this round as the client it came from, with
@@ -1069,10 +1076,11 @@ fn join_personal(personal: &PersonalState) -> ParamMap {
 }
 
 /// The inverse of [`join_personal`], checked: every client exists and every tensor is one of
-/// the global adapter's tensors, with its shape and finite values.
+/// the global adapter's that clients keep, with its shape and finite values.
 fn split_personal(
     joined: &ParamMap,
     global: &ParamMap,
+    instructions: &ClientInstructions,
     num_clients: usize,
 ) -> Result<PersonalState> {
     let mut personal = PersonalState::new();
@@ -1081,7 +1089,7 @@ fn split_personal(
             .strip_prefix("client.")
             .and_then(|rest| rest.split_once('.'))
             .and_then(|(id, inner)| Some((parse_index(id)?, inner)))
-            .filter(|(client, inner)| *client < num_clients && !crate::aggregate::is_lora_a(inner));
+            .filter(|(client, inner)| *client < num_clients && instructions.keeps_on_client(inner));
         let Some((client, inner)) = parsed else {
             return Err(Error::UnexpectedTensor {
                 name: name.to_string(),

@@ -186,7 +186,7 @@ impl PyServer {
                 let (device, _) = devices()?;
                 let (eval, clients) = settings.data()?;
                 let aggregator = settings.aggregator()?;
-                if aggregator.client_instructions().personal_lora_b {
+                if aggregator.client_instructions().keeps_any() {
                     // Its evaluation and stage transfer need every client's own B, which no
                     // message brings to the server yet.
                     return Err(Error::InvalidArgument(format!(
