@@ -33,26 +33,57 @@ use crate::schedule::{Stage, StageOutcome, validate_plan};
 /// the next stage.
 ///
 /// The server never sees client data: example counts and losses come in the replies. Its
-/// state is checkpointed by [`Server::save_checkpoint`] and restored by [`Server::resume`].
+/// state is checkpointed by [`Server::save_checkpoint`] and restored by [`Server::restore`].
 ///
-/// ```no_run
+/// A server and two clients, each client on its own device, every message through bytes:
+///
+/// ```
 /// use devft::aggregate::FedAvg;
-/// use devft::federated::{FederatedConfig, LocalTrainingConfig, Server, Strategy};
-/// # fn exchange(_: &devft::federated::RoundTasks) -> Vec<(usize, Result<Vec<u8>, String>)> { vec![] }
+/// use devft::data::{ByteEncoder, load_alpaca, partition_iid, tokenize_examples};
+/// use devft::federated::protocol::{Message, StageSetup, TrainTask};
+/// use devft::federated::{
+///     Client, FederatedConfig, LocalTrainingConfig, Server, StageModel, Strategy,
+/// };
+/// use devft::fusion::DifferentialFuser;
+/// use devft::model::{CausalLm, LoraConfig};
+/// use devft::tokenizer::PromptTemplate;
 ///
+/// let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
 /// let device = devft::device::default_device()?;
-/// let model = devft::model::CausalLm::load("model-dir", &device)?
-///     .with_lora(&devft::model::LoraConfig::new(8, 16.0), 0)?;
-/// let config = FederatedConfig::new(20, LocalTrainingConfig::new());
-/// let mut server = Server::new(config, Strategy::devft(), Box::new(FedAvg), model, 10)?;
+/// let base = CausalLm::load(format!("{fixtures}/tiny-llama"), &device)?
+///     .with_lora(&LoraConfig::new(4, 8.0), 0)?;
+/// let data = load_alpaca(format!("{fixtures}/data/tiny_instructions.jsonl"), PromptTemplate::Alpaca)?;
+/// let examples = tokenize_examples(&data, &ByteEncoder, 64)?;
+/// let mut clients: Vec<Client> = partition_iid(examples.len(), 2, 0)?
+///     .into_iter()
+///     .enumerate()
+///     .map(|(id, part)| Client::new(id, part.iter().map(|&i| examples[i].clone()).collect()))
+///     .collect();
+/// let mut stages: Vec<Option<StageModel>> = vec![None, None]; // each client's device
+///
+/// let local = LocalTrainingConfig::new().with_local_steps(1);
+/// let config = FederatedConfig::new(2, local).with_clients_per_round(2);
+/// let mut server = Server::new(config, Strategy::fedit(), Box::new(FedAvg), base.clone(), 2)?;
 /// while !server.is_finished() {
-///     let tasks = server.configure_round()?;
-///     let replies = exchange(&tasks); // send `tasks.tasks[i].task` to its client, collect replies
+///     let round = server.configure_round()?;
+///     let mut replies = Vec::new();
+///     for task in &round.tasks {
+///         // On the client's machine:
+///         let stage = &mut stages[task.client];
+///         if let Some(bytes) = &task.setup {
+///             let setup = StageSetup::from_bytes(bytes, usize::MAX, "server")?;
+///             *stage = Some(StageModel::build(&base, &setup, &DifferentialFuser::default())?);
+///         }
+///         let work = TrainTask::from_bytes(&task.task, usize::MAX, "server")?;
+///         let stage = stage.as_mut().expect("the first task of a stage brings its set-up");
+///         let reply = clients[task.client].train(stage, &work, &device.clone().autodiff())?;
+///         replies.push((task.client, Ok(reply.to_bytes()?)));
+///     }
 ///     server.aggregate_round(replies)?;
 ///     let metrics = server.finish_round(None, &[])?;
-///     println!("round {}: train loss {:?}", metrics.round, metrics.train_loss);
+///     assert!(metrics.aggregated && metrics.train_loss.is_some());
 /// }
-/// let tuned = server.model()?;
+/// assert_ne!(server.model()?.lora_params(), base.lora_params());
 /// # Ok::<(), devft::Error>(())
 /// ```
 pub struct Server {
