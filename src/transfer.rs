@@ -152,8 +152,18 @@ pub fn transfer_merged_weights(
 /// [`CausalLm::merge_adapter`]. On error `model` is unchanged.
 pub fn transfer_merge(model: &mut CausalLm, grouping: &Grouping, merge: &ParamMap) -> Result<()> {
     check_covers(grouping, model)?;
+    model.merge_adapter(&expand_to_members(merge, grouping)?)
+}
+
+/// Tensors named by group (`model.layers.{g}.*`, as a submodel built from `grouping` names
+/// its layers) copied to every member layer of their group (`model.layers.{member}.*`).
+///
+/// # Errors
+///
+/// [`Error::UnexpectedTensor`] for a name that is not a layer's or names no group.
+pub fn expand_to_members(per_group: &ParamMap, grouping: &Grouping) -> Result<ParamMap> {
     let mut expanded = ParamMap::new();
-    for (name, tensor) in merge.iter() {
+    for (name, tensor) in per_group.iter() {
         let slot = crate::model::split_layer_name(name).filter(|(g, _)| *g < grouping.len());
         let Some((group, inner)) = slot else {
             return Err(Error::UnexpectedTensor {
@@ -164,5 +174,5 @@ pub fn transfer_merge(model: &mut CausalLm, grouping: &Grouping, merge: &ParamMa
             expanded.insert(format!("model.layers.{member}.{inner}"), tensor.clone());
         }
     }
-    model.merge_adapter(&expanded)
+    Ok(expanded)
 }

@@ -19,10 +19,7 @@ use devft::transfer::{build_submodel, transfer_merged_weights};
 use devft::{HostTensor, ParamMap};
 
 fn model() -> CausalLm {
-    CausalLm::load(tiny_llama_dir(), &device())
-        .unwrap()
-        .with_lora(&LoraConfig::new(4, 8.0), 0)
-        .unwrap()
+    tiny_lora_model()
 }
 
 fn config(rounds: usize) -> FederatedConfig {

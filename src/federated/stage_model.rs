@@ -6,7 +6,7 @@ use crate::fusion::LayerFuser;
 use crate::grouping::Grouping;
 use crate::model::CausalLm;
 use crate::params::ParamMap;
-use crate::transfer::{build_submodel, transfer_lora, transfer_merge};
+use crate::transfer::{build_submodel, expand_to_members, transfer_lora, transfer_merge};
 
 /// The stage as one device holds it: the full model at the stage's start (its base, the
 /// merges of earlier stages, the stage-start adapter), the stage's fused submodel, and the
@@ -182,7 +182,7 @@ pub fn compact_start(adapter: &ParamMap, previous: Option<&Grouping>) -> Result<
             );
         }
     }
-    let exact = expand(&per_group, grouping).is_ok_and(|expanded| &expanded == adapter);
+    let exact = expand_to_members(&per_group, grouping).is_ok_and(|expanded| &expanded == adapter);
     Ok(if exact {
         StartAdapter::PerGroup {
             grouping: grouping.clone(),
@@ -193,23 +193,6 @@ pub fn compact_start(adapter: &ParamMap, previous: Option<&Grouping>) -> Result<
             adapter: adapter.clone(),
         }
     })
-}
-
-/// One adapter per group (named by group) copied to every member layer.
-fn expand(per_group: &ParamMap, grouping: &Grouping) -> Result<ParamMap> {
-    let mut full = ParamMap::new();
-    for (name, tensor) in per_group.iter() {
-        let slot = crate::model::split_layer_name(name).filter(|(g, _)| *g < grouping.len());
-        let Some((group, inner)) = slot else {
-            return Err(Error::UnexpectedTensor {
-                name: name.to_string(),
-            });
-        };
-        for member in &grouping.groups()[group] {
-            full.insert(format!("model.layers.{member}.{inner}"), tensor.clone());
-        }
-    }
-    Ok(full)
 }
 
 /// The full model's adapter a set-up's start describes, on a device with `base`.
@@ -234,7 +217,7 @@ fn start_adapter(base: &CausalLm, start: &StartAdapter) -> Result<ParamMap> {
                     base.num_layers()
                 )));
             }
-            expand(adapter, grouping)
+            expand_to_members(adapter, grouping)
         }
         StartAdapter::Full { adapter } => Ok(adapter.clone()),
     }

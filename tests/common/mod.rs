@@ -79,3 +79,11 @@ pub fn tiny_federated_data() -> (Vec<Vec<TokenizedExample>>, Vec<TokenizedExampl
         .collect();
     (clients, eval.to_vec())
 }
+
+/// The tiny fixture model with a LoRA adapter (r = 4, alpha 8, seed 0) on every projection.
+pub fn tiny_lora_model() -> devft::model::CausalLm {
+    devft::model::CausalLm::load(tiny_llama_dir(), &device())
+        .unwrap()
+        .with_lora(&devft::model::LoraConfig::new(4, 8.0), 0)
+        .unwrap()
+}

@@ -331,9 +331,14 @@ impl PyServer {
 /// What the client object holds.
 struct ClientState {
     client: Client,
+    stage: Option<StageModel>,
+    parts: ClientParts,
+}
+
+/// What a client's device holds besides the stage.
+struct ClientParts {
     base: CausalLm,
     fuser: Box<dyn LayerFuser>,
-    stage: Option<StageModel>,
     held_out: Vec<TokenizedExample>,
     train_device: Device,
 }
@@ -341,14 +346,17 @@ struct ClientState {
 /// Builds the stage from `setup` when it brings one `held` is not; the stage to work on.
 fn set_up<'a>(
     held: &'a mut Option<StageModel>,
-    base: &CausalLm,
-    fuser: &dyn LayerFuser,
+    parts: &ClientParts,
     setup: Option<&[u8]>,
 ) -> devft::Result<&'a mut StageModel> {
     if let Some(bytes) = setup {
         let setup = StageSetup::from_bytes(bytes, usize::MAX, "server")?;
         if held.as_ref().map(StageModel::stage) != Some(setup.stage) {
-            *held = Some(StageModel::build(base, &setup, fuser)?);
+            *held = Some(StageModel::build(
+                &parts.base,
+                &setup,
+                parts.fuser.as_ref(),
+            )?);
         }
     }
     held.as_mut().ok_or_else(|| {
@@ -408,11 +416,13 @@ impl PyClient {
                 };
                 Ok(Box::new(ClientState {
                     client,
-                    base,
-                    fuser,
                     stage,
-                    held_out,
-                    train_device,
+                    parts: ClientParts {
+                        base,
+                        fuser,
+                        held_out,
+                        train_device,
+                    },
                 }))
             })
         })?;
@@ -430,24 +440,24 @@ impl PyClient {
         setup: Option<Vec<u8>>,
         task: Vec<u8>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let reply = py.detach(|| {
-            let mut state = lock(&self.state)?;
-            guarded(|| {
-                let state = &mut *state;
-                let task = TrainTask::from_bytes(&task, usize::MAX, "server")?;
-                let stage = set_up(
-                    &mut state.stage,
-                    &state.base,
-                    state.fuser.as_ref(),
-                    setup.as_deref(),
-                )?;
-                state
-                    .client
-                    .train(stage, &task, &state.train_device)?
-                    .to_bytes()
-            })
-        })?;
-        Ok(PyBytes::new(py, &reply))
+        self.on_stage(py, setup, |client, stage, state| {
+            let task = TrainTask::from_bytes(&task, usize::MAX, "server")?;
+            client.train(stage, &task, &state.train_device)?.to_bytes()
+        })
+    }
+
+    /// Evaluates on the client's share of the held-out examples and returns the reply.
+    #[pyo3(signature = (setup, task))]
+    fn evaluate<'py>(
+        &self,
+        py: Python<'py>,
+        setup: Option<Vec<u8>>,
+        task: Vec<u8>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        self.on_stage(py, setup, |client, stage, state| {
+            let task = EvaluateTask::from_bytes(&task, usize::MAX, "server")?;
+            client.evaluate(stage, &task, &state.held_out)?.to_bytes()
+        })
     }
 
     /// What the client holds (the stage's set-up, the merges applied, its kept tensors), as
@@ -466,30 +476,27 @@ impl PyClient {
         })?;
         Ok(bytes.map(|b| PyBytes::new(py, &b)))
     }
+}
 
-    /// Evaluates on the client's share of the held-out examples and returns the reply.
-    #[pyo3(signature = (setup, task))]
-    fn evaluate<'py>(
+impl PyClient {
+    /// Runs `work` on the client and its stage (set up first from `setup` when the server
+    /// sent one) without the GIL, and returns the message it writes.
+    fn on_stage<'py>(
         &self,
         py: Python<'py>,
         setup: Option<Vec<u8>>,
-        task: Vec<u8>,
+        work: impl FnOnce(&mut Client, &mut StageModel, &ClientParts) -> devft::Result<Vec<u8>> + Send,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let reply = py.detach(|| {
             let mut state = lock(&self.state)?;
             guarded(|| {
-                let state = &mut *state;
-                let task = EvaluateTask::from_bytes(&task, usize::MAX, "server")?;
-                let stage = set_up(
-                    &mut state.stage,
-                    &state.base,
-                    state.fuser.as_ref(),
-                    setup.as_deref(),
-                )?;
-                state
-                    .client
-                    .evaluate(stage, &task, &state.held_out)?
-                    .to_bytes()
+                let ClientState {
+                    client,
+                    stage,
+                    parts,
+                } = &mut **state;
+                let stage = set_up(stage, parts, setup.as_deref())?;
+                work(client, stage, parts)
             })
         })?;
         Ok(PyBytes::new(py, &reply))
