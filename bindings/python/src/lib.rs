@@ -440,9 +440,10 @@ impl PyClient {
         setup: Option<Vec<u8>>,
         task: Vec<u8>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        self.on_stage(py, setup, |client, stage, state| {
-            let task = TrainTask::from_bytes(&task, usize::MAX, "server")?;
-            client.train(stage, &task, &state.train_device)?.to_bytes()
+        // A malformed task is reported as such, before any stage is looked at.
+        let task = guarded(|| TrainTask::from_bytes(&task, usize::MAX, "server"))?;
+        self.on_stage(py, setup, move |client, stage, parts| {
+            client.train(stage, &task, &parts.train_device)?.to_bytes()
         })
     }
 
@@ -454,9 +455,9 @@ impl PyClient {
         setup: Option<Vec<u8>>,
         task: Vec<u8>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        self.on_stage(py, setup, |client, stage, state| {
-            let task = EvaluateTask::from_bytes(&task, usize::MAX, "server")?;
-            client.evaluate(stage, &task, &state.held_out)?.to_bytes()
+        let task = guarded(|| EvaluateTask::from_bytes(&task, usize::MAX, "server"))?;
+        self.on_stage(py, setup, move |client, stage, parts| {
+            client.evaluate(stage, &task, &parts.held_out)?.to_bytes()
         })
     }
 
