@@ -97,7 +97,7 @@ export PATH=$ROOT/$VENV/bin:$PATH
 if [[ $BUILD == 1 ]]; then
   say "building the devft_py wheel (maturin, dev profile)"
   rm -rf target/flower-wheels
-  CARGO_TARGET_DIR=$ROOT/target maturin build --profile dev --strip \
+  CARGO_TARGET_DIR=$ROOT/target maturin build --profile dev \
     -m bindings/python/Cargo.toml -i "$PY" --out target/flower-wheels \
     > "$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; exit 1; }
   "$PY" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps target/flower-wheels/*.whl
