@@ -103,10 +103,30 @@ pub struct Server {
 /// The stage being trained, as the server holds it.
 struct ServerStage {
     setup: StageSetup,
+    /// The set-up as sent, encoded once for the stage, and its size.
+    setup_bytes: Vec<u8>,
+    setup_size: WireSize,
     model: StageModel,
     global: ParamMap,
     /// Clients that hold this stage's set-up, with the number of its merges they were sent.
     synced: BTreeMap<usize, usize>,
+}
+
+impl ServerStage {
+    /// What `client` is sent besides its task, and marks it as holding the stage with every
+    /// merge so far: the set-up (with its size) when it does not hold the stage yet, and the
+    /// merges it was not sent.
+    fn sync(&mut self, client: usize) -> (Option<Vec<u8>>, WireSize, MergeSync) {
+        let first = self.synced.insert(client, self.model.merges().len());
+        let merges = MergeSync {
+            first: first.unwrap_or(0),
+            merges: self.model.merges()[first.unwrap_or(0)..].to_vec(),
+        };
+        match first {
+            Some(_) => (None, WireSize::default(), merges),
+            None => (Some(self.setup_bytes.clone()), self.setup_size, merges),
+        }
+    }
 }
 
 /// A round between its two steps.
@@ -366,15 +386,10 @@ impl Server {
         sampled.sort_unstable();
         let instructions = self.aggregator.client_instructions();
         let current = self.current.as_mut().expect("started above");
-        let setup_bytes = current.setup.to_bytes()?;
-        let setup_size = WireSize {
-            payload: 4 * current.setup.num_values() as u64,
-            total: setup_bytes.len() as u64,
-        };
         let mut tasks = Vec::with_capacity(sampled.len());
         let mut sent = BTreeMap::new();
         for &client in &sampled {
-            let first = current.synced.get(&client).copied();
+            let (setup, setup_size, merges) = current.sync(client);
             let task = TrainTask {
                 round,
                 stage: self.state.stage,
@@ -382,25 +397,15 @@ impl Server {
                 instructions: instructions.clone(),
                 local: self.config.local.clone(),
                 adapter: shared_part(&current.global, &instructions, false),
-                merges: MergeSync {
-                    first: first.unwrap_or(0),
-                    merges: current.model.merges()[first.unwrap_or(0)..].to_vec(),
-                },
+                merges,
             };
             let train = task.to_bytes()?;
             let max_reply_bytes = (train.len() as f64 * self.config.max_update_factor).ceil();
-            let setup = first.is_none().then(|| setup_bytes.clone());
             let down = WireSize {
                 payload: 4 * task.num_values() as u64,
                 total: train.len() as u64,
             };
-            let setup_sent = if setup.is_some() {
-                setup_size
-            } else {
-                WireSize::default()
-            };
-            sent.insert(client, (setup_sent, down, max_reply_bytes as usize));
-            current.synced.insert(client, current.model.merges().len());
+            sent.insert(client, (setup_size, down, max_reply_bytes as usize));
             tasks.push(ClientTask {
                 client,
                 setup,
@@ -651,27 +656,18 @@ impl Server {
         }
         let adapter = self.evaluated_adapter(personal)?;
         let current = self.current.as_mut().expect("a stage is running");
-        let setup_bytes = current.setup.to_bytes()?;
         let mut tasks = Vec::with_capacity(clients.len());
         for &client in clients {
-            let first = current.synced.get(&client).copied();
+            let (setup, setup_size, merges) = current.sync(client);
             let task = EvaluateTask {
                 round,
                 stage: self.state.stage,
                 adapter: adapter.clone(),
-                merges: MergeSync {
-                    first: first.unwrap_or(0),
-                    merges: current.model.merges()[first.unwrap_or(0)..].to_vec(),
-                },
+                merges,
                 batch_size: self.config.eval_batch_size,
                 pad_id: self.config.local.pad_id,
             };
             let bytes = task.to_bytes()?;
-            let setup = first.is_none().then(|| setup_bytes.clone());
-            let setup_size = WireSize {
-                payload: 4 * current.setup.num_values() as u64,
-                total: setup_bytes.len() as u64,
-            };
             self.state.ledger.entries.push(LedgerEntry {
                 round,
                 client,
@@ -680,14 +676,9 @@ impl Server {
                     payload: 4 * task.num_values() as u64,
                     total: bytes.len() as u64,
                 },
-                setup: if setup.is_some() {
-                    setup_size
-                } else {
-                    WireSize::default()
-                },
+                setup: setup_size,
                 evaluation: true,
             });
-            current.synced.insert(client, current.model.merges().len());
             tasks.push(ClientTask {
                 client,
                 setup,
@@ -837,8 +828,15 @@ impl Server {
             Some(global) => global,
             None => model.submodel().lora_params(),
         };
+        let setup_bytes = setup.to_bytes()?;
+        let setup_size = WireSize {
+            payload: 4 * setup.num_values() as u64,
+            total: setup_bytes.len() as u64,
+        };
         Ok(ServerStage {
             setup,
+            setup_bytes,
+            setup_size,
             model,
             global,
             synced: self.state.synced.clone(),
