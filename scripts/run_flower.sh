@@ -5,7 +5,7 @@
 #   scripts/run_flower.sh [--rounds N] [--nodes N] [--stop-node-after-round K]
 #                         [--stop-signal TERM|KILL] [--fault F] [--out DIR] [--port P]
 #                         [--round-timeout S] [--timeout S] [--config 'key=value ...']
-#                         [--no-build] [--check [ARGS...]]
+#                         [--no-build | --wheel] [--check [ARGS...]]
 #
 #   --rounds N                 devft's `rounds` (default: the app's pyproject, 4)
 #   --nodes N                  SuperNodes, one per partition (devft's `num-partitions`; default 2)
@@ -22,10 +22,13 @@
 #   --timeout S                seconds the whole `flwr run` may take (default 1800)
 #   --config 'k=v ...'         more run config overrides (TOML values), may repeat; they win
 #   --no-build                 use the devft_py already installed in the venv
+#   --wheel                    build devft_py as a release wheel with maturin and install that
+#                              (default: a cargo build of the extension on the test profile, which
+#                              reuses what `cargo test` compiled, copied into the venv)
 #   --check [ARGS...]          afterwards run scripts/flower_check.py OUT ARGS... (all the
 #                              remaining arguments)
 #
-# Environment: PYTHON (the interpreter for the venv, default python3).
+# Environment: PYTHON (the interpreter for the venv, default python3). Linux only (setsid, .so).
 # Logs: OUT/logs/{superlink,supernode-I,run}.log. Exit status: the run's (non-zero when the
 # ServerApp failed or the outputs are missing), or the checker's with --check.
 set -euo pipefail
@@ -65,6 +68,7 @@ while [[ $# -gt 0 ]]; do
     --timeout) need "$@"; RUN_TIMEOUT=$2; shift 2 ;;
     --config) need "$@"; CONFIG+=(-c "$2"); shift 2 ;;
     --no-build) BUILD=0; shift ;;
+    --wheel) BUILD=wheel; shift ;;
     --check) CHECK=1; shift; CHECK_ARGS=("$@"); break ;;
     -h|--help) usage 0 ;;
     *) echo "run_flower.sh: unknown argument $1" >&2; usage ;;
@@ -82,10 +86,10 @@ mkdir -p "$LOGS"
 t_start=$SECONDS
 say() { printf '[run_flower %3ds] %s\n' $((SECONDS - t_start)) "$*"; }
 
-# --- the environment: flwr, maturin and the devft_py wheel --------------------------------
+# --- the environment: flwr and the devft_py extension ---------------------------------------
 VENV=target/flower-venv
 PY=$VENV/bin/python
-PINS="flwr==$FLWR_VERSION maturin==$MATURIN_VERSION"
+PINS="flwr==$FLWR_VERSION"
 if [[ ! -x $PY || "$(cat "$VENV/.pins" 2>/dev/null)" != "$PINS" ]]; then
   say "creating $VENV ($PINS)"
   rm -rf "$VENV"
@@ -94,13 +98,23 @@ if [[ ! -x $PY || "$(cat "$VENV/.pins" 2>/dev/null)" != "$PINS" ]]; then
   echo "$PINS" > "$VENV/.pins"
 fi
 export PATH=$ROOT/$VENV/bin:$PATH
-if [[ $BUILD == 1 ]]; then
-  say "building the devft_py wheel (maturin, dev profile)"
+CARGO_TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+if [[ $BUILD == wheel ]]; then
+  say "building the devft_py wheel (maturin $MATURIN_VERSION, release profile)"
+  "$PY" -m pip install --quiet --disable-pip-version-check "maturin==$MATURIN_VERSION"
   rm -rf target/flower-wheels
-  CARGO_TARGET_DIR=$ROOT/target maturin build --profile dev \
-    -m bindings/python/Cargo.toml -i "$PY" --out target/flower-wheels \
+  maturin build --release -m bindings/python/Cargo.toml -i "$PY" --out target/flower-wheels \
     > "$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; exit 1; }
   "$PY" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps target/flower-wheels/*.whl
+elif [[ $BUILD == 1 ]]; then
+  # The test profile, so that the dependencies `cargo test` compiled are reused (maturin's own
+  # cargo call would compile burn again on the dev profile).
+  say "building the devft_py extension (cargo, test profile)"
+  cargo build -p devft-py --lib --profile test --features extension-module \
+    > "$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; exit 1; }
+  "$PY" -m pip uninstall --quiet --yes devft-py > /dev/null 2>&1 || true
+  SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
+  cp "$CARGO_TARGET/debug/libdevft_py.so" "$SITE/devft_py.abi3.so"
 fi
 "$PY" -c 'import devft_py' || { echo "devft_py is not installed in $VENV (drop --no-build)" >&2; exit 1; }
 
