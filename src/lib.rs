@@ -12,6 +12,7 @@
 //! - [`fusion`]: [`fusion::LayerFuser`] and differential, anchor-only and mean fusion.
 //! - [`schedule`]: [`schedule::StageScheduler`], geometric and explicit stage plans.
 //! - [`transfer`]: fused submodels and knowledge transfer back to the full model.
+//! - [`fidelity`]: how far a fused submodel's loss is from the full model's before training.
 //! - [`ParamMap`]: the named tensors every component exchanges; [`tokenizer`] and [`device`].
 //!
 //! ```no_run
@@ -32,6 +33,7 @@ pub mod data;
 pub mod device;
 mod error;
 pub mod federated;
+pub mod fidelity;
 pub mod fusion;
 pub mod grouping;
 pub mod model;

