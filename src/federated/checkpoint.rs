@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::federated::metrics::{Ledger, RoundMetrics};
 use crate::grouping::Grouping;
 use crate::params::ParamMap;
-use crate::schedule::{Stage, StageOutcome, validate_plan};
+use crate::schedule::{ProbeOutcome, Stage, StageOutcome, validate_plan};
 
 /// Everything needed to continue a run exactly where it stopped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,6 +49,9 @@ pub(crate) struct RunState {
     /// sent.
     #[serde(default)]
     pub synced: BTreeMap<usize, usize>,
+    /// The probe's result, when the scheduler probed before the first stage.
+    #[serde(default)]
+    pub probe: Option<ProbeOutcome>,
 }
 
 /// What a checkpoint must agree with to be resumed by a run.

@@ -9,7 +9,10 @@ use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
 use crate::federated::evaluate::evaluate_loss;
 use crate::federated::local::train_local;
-use crate::federated::protocol::{DeviceState, EvaluateReply, EvaluateTask, TrainReply, TrainTask};
+use crate::federated::protocol::{
+    DeviceState, EvaluateReply, EvaluateTask, ProbeReply, ProbeTask, StageSetup, StartAdapter,
+    TrainReply, TrainTask,
+};
 use crate::federated::stage_model::StageModel;
 use crate::fusion::LayerFuser;
 use crate::model::CausalLm;
@@ -208,6 +211,51 @@ impl Client {
             num_targets: examples
                 .iter()
                 .map(|e| e.targets.iter().filter(|&&t| t).count())
+                .sum(),
+        })
+    }
+}
+
+impl Client {
+    /// Answers a probe before the first stage: the loss of each candidate's fused submodel,
+    /// built from `base` (the device's base model with the run's initial adapter) with
+    /// `fuser`, on the client's first [`ProbeTask::max_examples`] examples (forward passes
+    /// only).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] when the client has no example or the task is for another
+    /// fuser or initial adapter; the errors of building a candidate that does not fit `base`.
+    pub fn probe(
+        &self,
+        base: &CausalLm,
+        task: &ProbeTask,
+        fuser: &dyn LayerFuser,
+    ) -> Result<ProbeReply> {
+        let examples = &self.examples[..task.max_examples.min(self.examples.len())];
+        let losses = task
+            .candidates
+            .iter()
+            .map(|grouping| {
+                let setup = StageSetup {
+                    stage: 0,
+                    grouping: grouping.clone(),
+                    fuser: task.fuser.clone(),
+                    start: StartAdapter::Initial {
+                        sha256: task.start_sha256.clone(),
+                    },
+                    history: Vec::new(),
+                };
+                let stage = StageModel::build(base, &setup, fuser)?;
+                evaluate_loss(stage.submodel(), examples, task.batch_size, task.pad_id)
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        Ok(ProbeReply {
+            client: self.id,
+            losses,
+            num_targets: examples
+                .iter()
+                .map(|e| e.targets.iter().skip(1).filter(|&&t| t).count())
                 .sum(),
         })
     }

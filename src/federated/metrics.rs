@@ -43,6 +43,17 @@ pub struct RoundMetrics {
     /// Why the aggregator failed this round, if it did.
     #[serde(default)]
     pub aggregation_error: Option<String>,
+    /// The scheduler's decisions made with this round: the probe's result before the first
+    /// round, a stage ended early, the plan as revised.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// Client-to-server bytes of the probe before the first stage (first round only; its
+    /// seconds are in `wall_seconds`).
+    #[serde(default)]
+    pub bytes_probe_up: WireSize,
+    /// Server-to-client bytes of the probe before the first stage (first round only).
+    #[serde(default)]
+    pub bytes_probe_down: WireSize,
 }
 
 /// Bytes exchanged with each client in each round.

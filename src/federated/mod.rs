@@ -72,6 +72,15 @@ pub struct FederatedConfig {
     /// and the ledger counts them. Default: false.
     #[config(default = false)]
     pub stateless_clients: bool,
+    /// Held-out evaluation every this many rounds, and always at a stage's last round and the
+    /// run's last ([`Server::evaluation_due`]); 0 or 1: every round. Default: 1.
+    #[config(default = 1)]
+    pub eval_every: usize,
+    /// Examples of its own each client evaluates the probe's candidate submodels on, for a
+    /// scheduler that probes ([`crate::schedule::StageScheduler::probe_capacities`]).
+    /// Default: 8.
+    #[config(default = 8)]
+    pub probe_examples: usize,
 }
 
 /// How a run develops the model: stage plan, grouping and fusion.

@@ -12,6 +12,8 @@
 //! | [`TrainReply`]   | client to server | trained adapter (shared part), example count, metrics   |
 //! | [`EvaluateTask`] | server to client | evaluated adapter, missed merges                        |
 //! | [`EvaluateReply`]| client to server | held-out loss and its number of target tokens           |
+//! | [`ProbeTask`]    | server to client | candidate groupings to evaluate before the first stage  |
+//! | [`ProbeReply`]   | client to server | each candidate's loss on the client's own examples      |
 //! | [`DeviceState`]  | client to itself | what a client holds between rounds, to restart with      |
 //!
 //! Decoding checks the magic, the version, the header against the real length and the
@@ -246,6 +248,38 @@ pub struct EvaluateReply {
     /// Mean loss over the client's held-out target tokens.
     pub loss: f64,
     /// Number of target tokens the loss averages.
+    pub num_targets: usize,
+}
+
+/// Before the first stage, for a scheduler that chooses its plan from the clients' measure of
+/// candidate submodels ([`crate::schedule::StageScheduler::probe_capacities`]): each candidate
+/// is the fused submodel of the initial full model with one grouping, evaluated with forward
+/// passes on a few of the client's own examples. No tensor travels: the candidates are built
+/// from the client's own base model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeTask {
+    /// One grouping per candidate; the last groups every layer alone (the full model).
+    pub candidates: Vec<Grouping>,
+    /// The fuser's [`crate::fusion::LayerFuser::describe`].
+    pub fuser: String,
+    /// SHA-256 of the initial adapter (as [`StartAdapter::Initial`]).
+    pub start_sha256: String,
+    /// Examples of its own the client evaluates (its first ones).
+    pub max_examples: usize,
+    /// Batch size of the forward passes.
+    pub batch_size: usize,
+    /// Padding token id.
+    pub pad_id: u32,
+}
+
+/// A client's answer to a [`ProbeTask`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeReply {
+    /// The replying client.
+    pub client: usize,
+    /// Mean loss of each candidate over the same target tokens, in the task's order.
+    pub losses: Vec<f64>,
+    /// Number of target tokens each loss averages.
     pub num_targets: usize,
 }
 
@@ -743,6 +777,58 @@ impl Message for EvaluateReply {
 
     fn from_bytes(bytes: &[u8], max_bytes: usize, sender: &str) -> Result<Self> {
         let (header, tensors) = decode::<EvaluateReplyHeader>(bytes, max_bytes, sender)?;
+        sections(tensors, &[], sender)?;
+        Ok(header.reply)
+    }
+
+    fn num_values(&self) -> usize {
+        0
+    }
+}
+
+header!(ProbeTaskHeader, "probe_task", {
+    task: ProbeTask,
+});
+
+impl Message for ProbeTask {
+    const KIND: &'static str = "probe_task";
+
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        let header = ProbeTaskHeader {
+            kind: Self::KIND.into(),
+            task: self.clone(),
+        };
+        encode(&header, &ParamMap::new())
+    }
+
+    fn from_bytes(bytes: &[u8], max_bytes: usize, sender: &str) -> Result<Self> {
+        let (header, tensors) = decode::<ProbeTaskHeader>(bytes, max_bytes, sender)?;
+        sections(tensors, &[], sender)?;
+        Ok(header.task)
+    }
+
+    fn num_values(&self) -> usize {
+        0
+    }
+}
+
+header!(ProbeReplyHeader, "probe_reply", {
+    reply: ProbeReply,
+});
+
+impl Message for ProbeReply {
+    const KIND: &'static str = "probe_reply";
+
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        let header = ProbeReplyHeader {
+            kind: Self::KIND.into(),
+            reply: self.clone(),
+        };
+        encode(&header, &ParamMap::new())
+    }
+
+    fn from_bytes(bytes: &[u8], max_bytes: usize, sender: &str) -> Result<Self> {
+        let (header, tensors) = decode::<ProbeReplyHeader>(bytes, max_bytes, sender)?;
         sections(tensors, &[], sender)?;
         Ok(header.reply)
     }

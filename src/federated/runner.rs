@@ -14,7 +14,7 @@ use crate::federated::client::Client;
 use crate::federated::evaluate::evaluate_loss;
 use crate::federated::faults::{Fault, FaultInjector};
 use crate::federated::metrics::{Ledger, RoundMetrics};
-use crate::federated::protocol::{Message, StageSetup, TrainReply, TrainTask};
+use crate::federated::protocol::{Message, ProbeTask, StageSetup, TrainReply, TrainTask};
 use crate::federated::server::{ClientTask, Evaluation, PersonalState, Server, validate_config};
 use crate::federated::stage_model::StageModel;
 use crate::federated::{FederatedConfig, Strategy};
@@ -174,6 +174,13 @@ impl FederatedRun {
                 self.clients[id].set_personal(server.stage(), own);
             }
         }
+        if let Some(tasks) = server.configure_probe()? {
+            let replies = tasks
+                .iter()
+                .map(|task| (task.client, self.client_probe(&server, &base, task)))
+                .collect();
+            server.aggregate_probe(replies)?;
+        }
         // The clients' shared device: the stage as the set-up messages build it.
         let mut device: Option<StageModel> = None;
         let progress = self.progress_bar(server.rounds_done());
@@ -196,26 +203,31 @@ impl FederatedRun {
                 .collect();
             server.aggregate_round(replies)?;
             let personal = self.personal_of(tasks.stage);
-            let eval_started = Instant::now();
-            let eval_model = server.evaluation_model(&personal)?;
-            let loss = evaluate_loss(
-                &eval_model,
-                &self.eval,
-                self.config.eval_batch_size,
-                self.config.local.pad_id,
-            )?;
-            let evaluation = Evaluation {
-                loss,
-                seconds: eval_started.elapsed().as_secs_f64(),
+            let evaluation = if server.evaluation_due() {
+                let eval_started = Instant::now();
+                let eval_model = server.evaluation_model(&personal)?;
+                let loss = evaluate_loss(
+                    &eval_model,
+                    &self.eval,
+                    self.config.eval_batch_size,
+                    self.config.local.pad_id,
+                )?;
+                Some(Evaluation {
+                    loss,
+                    seconds: eval_started.elapsed().as_secs_f64(),
+                })
+            } else {
+                None
             };
-            let metrics = server.finish_round(Some(evaluation), &personal)?;
+            let metrics = server.finish_round(evaluation, &personal)?;
             if let Some(bar) = &progress {
-                bar.set_message(format!(
-                    "stage {} (K={}) eval {:.4}",
-                    metrics.stage + 1,
-                    metrics.capacity,
-                    loss
-                ));
+                if let Some(loss) = metrics.eval_loss {
+                    bar.set_message(format!(
+                        "stage {} (K={}) eval {loss:.4}",
+                        metrics.stage + 1,
+                        metrics.capacity,
+                    ));
+                }
                 bar.inc(1);
             }
             self.write_metrics(&metrics)?;
@@ -277,6 +289,23 @@ impl FederatedRun {
         let mut bytes = train().map_err(|e| e.to_string())?;
         corrupt(&mut bytes, fault.as_ref(), task.max_reply_bytes);
         Ok(bytes)
+    }
+
+    /// One sampled client's answer to the probe before the first stage, through bytes.
+    fn client_probe(
+        &self,
+        server: &Server,
+        base: &CausalLm,
+        task: &ClientTask,
+    ) -> std::result::Result<Vec<u8>, String> {
+        let probe = || -> Result<Vec<u8>> {
+            let work = ProbeTask::from_bytes(&task.task, usize::MAX, "server")?;
+            let fuser = server.strategy().fuser.as_ref();
+            self.clients[task.client]
+                .probe(base, &work, fuser)?
+                .to_bytes()
+        };
+        probe().map_err(|e| e.to_string())
     }
 
     /// Every client's kept tensors of `stage` with its example count, in client order.

@@ -24,7 +24,9 @@ use crate::federated::{FederatedConfig, Strategy};
 use crate::grouping::Grouping;
 use crate::model::CausalLm;
 use crate::params::{ParamMap, parse_index};
-use crate::schedule::{Stage, StageOutcome, validate_plan};
+use crate::schedule::{Stage, StageOutcome, StageProgress, validate_plan};
+
+mod probe;
 
 /// The server of a run. One round is two steps: [`Server::configure_round`] gives the sampled
 /// clients their messages; [`Server::aggregate_round`] takes their replies (or why there is
@@ -98,6 +100,20 @@ pub struct Server {
     history: Vec<MergedStage>,
     current: Option<ServerStage>,
     pending: Option<PendingRound>,
+    /// The probe's candidates, its cost so far and when its tasks went out.
+    probe_sent: Option<(Vec<Grouping>, ProbeCost, Instant)>,
+    /// The finished probe's cost, for the first round's metrics.
+    probe_cost: Option<ProbeCost>,
+    /// A scheduling decision for the next finished round's metrics.
+    schedule_note: Option<String>,
+}
+
+/// Bytes and seconds of the probe before the first stage.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProbeCost {
+    up: WireSize,
+    down: WireSize,
+    seconds: f64,
 }
 
 /// The stage being trained, as the server holds it.
@@ -271,6 +287,7 @@ impl Server {
             history: Vec::new(),
             merges_in_stage: 0,
             synced: BTreeMap::new(),
+            probe: None,
         };
         Ok(Self {
             full_adapter: model.lora_params(),
@@ -282,6 +299,9 @@ impl Server {
             history: Vec::new(),
             current: None,
             pending: None,
+            probe_sent: None,
+            probe_cost: None,
+            schedule_note: None,
         })
     }
 
@@ -572,6 +592,9 @@ impl Server {
             memory_bytes: memory,
             aggregated,
             aggregation_error,
+            schedule: None,
+            bytes_probe_up: WireSize::default(),
+            bytes_probe_down: WireSize::default(),
         }))
     }
 
@@ -776,20 +799,85 @@ impl Server {
         }
         metrics.eval_loss = evaluation.map(|e| e.loss);
         metrics.eval_seconds = evaluation.map_or(0.0, |e| e.seconds);
-        self.state.metrics.push(metrics.clone());
+        let ends_stage = self.round_ends_stage(&metrics);
+        let mut probe_seconds = 0.0;
+        if let Some(cost) = self.probe_cost.take() {
+            metrics.bytes_probe_up = cost.up;
+            metrics.bytes_probe_down = cost.down;
+            probe_seconds = cost.seconds;
+        }
+        let mut notes: Vec<String> = self.schedule_note.take().into_iter().collect();
         self.state.rounds_done_in_stage += 1;
         self.state.rounds_done += 1;
-        let stage = self.state.plan[self.state.stage];
-        if self.state.rounds_done_in_stage >= stage.rounds {
-            self.finish_stage(stage, personal)?;
+        let index = self.state.stage;
+        let planned = self.state.plan[index];
+        let done = self.state.rounds_done_in_stage;
+        if ends_stage && done < planned.rounds {
+            // Ended early: the unspent rounds go to the next stage.
+            self.state.plan[index].rounds = done;
+            self.state.plan[index + 1].rounds += planned.rounds - done;
+            notes.push(format!(
+                "stage {} ended after {done} of {} rounds (its training loss stopped improving)",
+                index + 1,
+                planned.rounds
+            ));
         }
-        metrics.wall_seconds = pending.setup_seconds + pending.started.elapsed().as_secs_f64();
-        self.state
-            .metrics
-            .last_mut()
-            .expect("pushed above")
-            .wall_seconds = metrics.wall_seconds;
+        self.state.metrics.push(metrics.clone());
+        if ends_stage {
+            let before = self.state.plan.clone();
+            self.finish_stage(self.state.plan[index], personal)?;
+            if self.state.plan != before || !notes.is_empty() {
+                notes.push(format!("plan {}", probe::describe_plan(&self.state.plan)));
+            }
+        }
+        metrics.schedule = (!notes.is_empty()).then(|| notes.join("; "));
+        metrics.wall_seconds =
+            probe_seconds + pending.setup_seconds + pending.started.elapsed().as_secs_f64();
+        let last = self.state.metrics.last_mut().expect("pushed above");
+        last.wall_seconds = metrics.wall_seconds;
+        last.schedule.clone_from(&metrics.schedule);
         Ok(metrics)
+    }
+
+    /// Whether the aggregated, unfinished round should be evaluated on the held-out set:
+    /// every [`FederatedConfig::eval_every`] rounds, at a stage's last round (the stage's
+    /// outcome carries its loss) and at the run's last. `false` when no round is aggregated.
+    pub fn evaluation_due(&self) -> bool {
+        let Some(metrics) = self.pending.as_ref().and_then(|p| p.metrics.as_ref()) else {
+            return false;
+        };
+        let round = self.state.rounds_done + 1;
+        self.config.eval_every <= 1
+            || round.is_multiple_of(self.config.eval_every)
+            || round == self.config.rounds
+            || self.round_ends_stage(metrics)
+    }
+
+    /// Whether the stage ends with the round of `metrics` (aggregated, not yet finished): its
+    /// planned rounds are spent, or the scheduler ends it early (never the last stage).
+    fn round_ends_stage(&self, metrics: &RoundMetrics) -> bool {
+        let index = self.state.stage;
+        let stage = self.state.plan[index];
+        let done = self.state.rounds_done_in_stage + 1;
+        if done >= stage.rounds {
+            return true;
+        }
+        if index + 1 == self.state.plan.len() {
+            return false;
+        }
+        let mut train_losses: Vec<Option<f64>> = self
+            .state
+            .metrics
+            .iter()
+            .filter(|m| m.stage == index)
+            .map(|m| m.train_loss)
+            .collect();
+        train_losses.push(metrics.train_loss);
+        self.strategy.scheduler.ends_early(&StageProgress {
+            index,
+            stage,
+            train_losses: &train_losses,
+        })
     }
 
     fn start_stage(&mut self) -> Result<ServerStage> {

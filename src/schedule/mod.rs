@@ -2,13 +2,17 @@
 //! (DESIGN section 1: capacities doubling 4 -> 8 -> 16 -> 32 for a 32-layer model, equal rounds
 //! per stage).
 //!
-//! [`StageScheduler`] plans all stages up front and is told each stage's outcome afterwards,
-//! so an adaptive scheduler can revise the stages still to come.
+//! [`StageScheduler`] plans all stages up front. An adaptive scheduler can also have the
+//! clients measure candidate submodels before the first stage ([`ProbeOutcome`]), end a stage
+//! early after any round ([`StageProgress`]), and revise the stages still to come after each
+//! stage ([`StageOutcome`]); [`AdaptiveScheduler`] does all three.
 
+mod adaptive;
 mod explicit;
 mod geometric;
 mod single;
 
+pub use adaptive::AdaptiveScheduler;
 pub use explicit::ExplicitScheduler;
 pub use geometric::GeometricScheduler;
 pub use single::SingleStage;
@@ -35,6 +39,29 @@ pub struct StageOutcome {
     pub eval_loss: Option<f64>,
     /// Mean training loss over the stage's last round.
     pub train_loss: Option<f64>,
+}
+
+/// The current stage's rounds so far, for [`StageScheduler::ends_early`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageProgress<'a> {
+    /// Index of the stage in the plan.
+    pub index: usize,
+    /// The stage as planned.
+    pub stage: Stage,
+    /// Each of the stage's rounds so far (the one just aggregated last): the clients'
+    /// example-weighted training loss on the stage's submodel (`None` when no client
+    /// succeeded).
+    pub train_losses: &'a [Option<f64>],
+}
+
+/// What the clients measured before the first stage, for [`StageScheduler::after_probe`]:
+/// the held-out loss of fused submodels before any training, on the clients' own examples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeOutcome {
+    /// `(capacity, loss)` of each probed submodel, in the order they were asked for.
+    pub losses: Vec<(usize, f64)>,
+    /// The full model's loss on the same examples.
+    pub full_loss: f64,
 }
 
 /// Plans developmental stages.
@@ -78,6 +105,26 @@ pub trait StageScheduler: Send {
     /// run. The default keeps the plan.
     fn revise(&self, _finished: &[StageOutcome], remaining: Vec<Stage>) -> Vec<Stage> {
         remaining
+    }
+
+    /// Capacities whose fused submodels the clients evaluate (forward passes on a few of
+    /// their examples) before the first stage; the full model is always evaluated with them.
+    /// Empty (the default): no probe.
+    fn probe_capacities(&self, _num_layers: usize) -> Vec<usize> {
+        Vec::new()
+    }
+
+    /// The plan to run after the probe asked for by [`Self::probe_capacities`]; it must keep
+    /// the [`Self::plan`] contract for the same layers and rounds. The default keeps `plan`.
+    fn after_probe(&self, _probe: &ProbeOutcome, plan: Vec<Stage>) -> Vec<Stage> {
+        plan
+    }
+
+    /// Called after each aggregated round of a stage that is not the last: `true` ends the
+    /// stage now, before its planned rounds are spent; its unspent rounds go to the next
+    /// stage (and [`Self::revise`] may move them). The default never ends a stage early.
+    fn ends_early(&self, _progress: &StageProgress<'_>) -> bool {
+        false
     }
 }
 
