@@ -26,6 +26,8 @@ mod report;
 use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use burn::tensor::Device;
 use std::time::Instant;
 
 use clap::Parser;
@@ -38,7 +40,7 @@ use devft::federated::{
 use devft::fusion::DifferentialFuser;
 use devft::grouping::SpectralGrouper;
 use devft::model::{CausalLm, LoraConfig};
-use devft::schedule::GeometricScheduler;
+use devft::schedule::{AdaptiveScheduler, GeometricScheduler, StageScheduler};
 use devft::tokenizer::{PromptTemplate, Tokenizer};
 
 use data::{ExampleSplit, HeldOut, asset_or_fetch, examples, load_tokenizer};
@@ -99,18 +101,35 @@ struct Args {
     /// Dirichlet concentration of the split by topic (smaller: more skewed clients).
     #[arg(long, default_value_t = 0.5)]
     dirichlet_alpha: f64,
-    /// Layers of DevFT's first stage.
+    /// DevFT's stage schedule: `geometric` (`--first-stage` layers, then `--growth` times as
+    /// many per stage, equal rounds) or `adaptive` (the clients probe candidate submodels
+    /// before the first round; the smallest within `--tolerance` of the full model's loss
+    /// starts, a stage ends early when its training loss stops improving).
+    #[arg(long, default_value = "geometric")]
+    schedule: String,
+    /// Layers of DevFT's first stage (geometric schedule).
     #[arg(long, default_value_t = 4)]
     first_stage: usize,
     /// Growth of DevFT's capacity from stage to stage.
     #[arg(long, default_value_t = 2.0)]
     growth: f64,
+    /// How far (relative) above the full model's loss the adaptive schedule's first
+    /// submodel may start.
+    #[arg(long, default_value_t = 0.25)]
+    tolerance: f64,
+    /// Beta of DevFT's differential layer fusion.
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
     /// Training examples drawn (at random) from the data set, over all clients.
     #[arg(long, default_value_t = 4000)]
     train_examples: usize,
     /// Held-out evaluation examples.
     #[arg(long, default_value_t = 32)]
     eval_examples: usize,
+    /// Held-out evaluation every this many rounds (and at every stage's end and the last
+    /// round).
+    #[arg(long, default_value_t = 1)]
+    eval_every: usize,
     /// Earlier conversation turns in each prompt.
     #[arg(long, default_value_t = 1)]
     history: usize,
@@ -123,6 +142,11 @@ struct Args {
     /// Seed of the data split, LoRA initialisation, client sampling and batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Run both methods for this many seeds (`--seed`, `--seed` + 1, ...): each seed's
+    /// results go to `OUT/seed-S/`, and `OUT/summary.md` gives every number's mean and
+    /// spread.
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
 }
 
 fn main() -> ExitCode {
@@ -137,6 +161,9 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let started = Instant::now();
+    if args.seeds == 0 {
+        return Err("--seeds must be at least 1".into());
+    }
     std::fs::create_dir_all(&args.out)?;
     let cache = args.cache.clone().unwrap_or_else(cache_dir);
     let model_path = asset_or_fetch(args.model.clone(), &SMOLLM2_135M_INSTRUCT, &cache)?;
@@ -150,19 +177,69 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let tokenizer = load_tokenizer(&model_path)?;
     let base = CausalLm::load(&model_path, &device)?;
     let num_layers = base.num_layers();
-    let model = base.with_lora(&LoraConfig::new(args.rank, args.lora_alpha), args.seed)?;
+    let seeds: Vec<u64> = (args.seed..args.seed + args.seeds as u64).collect();
+    let mut per_seed = Vec::new();
+    for &seed in &seeds {
+        let out = if seeds.len() == 1 {
+            args.out.clone()
+        } else {
+            args.out.join(format!("seed-{seed}"))
+        };
+        std::fs::create_dir_all(&out)?;
+        eprintln!(
+            "== seed {seed} ({} of {}) ==",
+            per_seed.len() + 1,
+            seeds.len()
+        );
+        let (devft, fedit, samples) =
+            run_seed(&args, seed, &out, &data_path, &tokenizer, &base, &device)?;
+        let summary = report::summary(&devft, &fedit, &args_line(&args, seed), num_layers);
+        println!("\n{summary}");
+        std::fs::write(out.join("summary.md"), &summary)?;
+        plot::loss_plots(&out, &devft, &fedit)?;
+        println!("{samples}");
+        std::fs::write(out.join("samples.md"), samples)?;
+        per_seed.push(report::key_rows(&devft, &fedit));
+    }
+    if seeds.len() > 1 {
+        let summary = report::multi_seed_summary(&per_seed, &seeds, &args_line(&args, args.seed));
+        println!("\n{summary}");
+        std::fs::write(args.out.join("summary.md"), summary)?;
+    }
+    eprintln!(
+        "done in {:.0} s; results in {}",
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
 
+/// Both methods on the data split, LoRA initialisation and client sampling of `seed`; their
+/// per-round metrics go to `out`. Returns both results and the sample answers.
+fn run_seed(
+    args: &Args,
+    seed: u64,
+    out: &Path,
+    data_path: &Path,
+    tokenizer: &Tokenizer,
+    base: &CausalLm,
+    device: &Device,
+) -> Result<(MethodResult, MethodResult, String), Box<dyn Error>> {
+    let num_layers = base.num_layers();
+    let model = base
+        .clone()
+        .with_lora(&LoraConfig::new(args.rank, args.lora_alpha), seed)?;
     eprintln!("preparing data from {}", data_path.display());
     let split = ExampleSplit {
-        seed: args.seed,
+        seed,
         history: args.history,
         seq_len: args.seq_len,
         eval_examples: args.eval_examples,
         train_examples: args.train_examples,
     };
-    let (held_out, train) = examples(&data_path, &tokenizer, &split)?;
+    let (held_out, train) = examples(data_path, tokenizer, &split)?;
     let eval: Vec<TokenizedExample> = held_out.iter().map(|h| h.tokens.clone()).collect();
-    let clients = split_by_topic(&train, &args)?;
+    let clients = split_by_topic(&train, args, seed)?;
     let sizes: Vec<usize> = clients.iter().map(Vec::len).collect();
     eprintln!(
         "{} training examples over {} clients {sizes:?}, {} held out",
@@ -177,15 +254,30 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         .with_batch_size(args.batch_size);
     let config = FederatedConfig::new(args.rounds, local)
         .with_clients_per_round(args.clients_per_round)
-        .with_seed(args.seed);
+        .with_eval_every(args.eval_every)
+        .with_seed(seed);
+    let scheduler: Box<dyn StageScheduler> = match args.schedule.as_str() {
+        "geometric" => Box::new(GeometricScheduler::new(args.first_stage, args.growth)?),
+        "adaptive" => Box::new(
+            AdaptiveScheduler::new()
+                .with_tolerance(args.tolerance)
+                .with_growth(args.growth),
+        ),
+        other => return Err(format!("unknown schedule `{other}` (geometric, adaptive)").into()),
+    };
     let devft_strategy = Strategy {
-        scheduler: Box::new(GeometricScheduler::new(args.first_stage, args.growth)?),
+        scheduler,
         grouper: Box::new(SpectralGrouper::new()),
-        fuser: Box::new(DifferentialFuser::default()),
+        fuser: Box::new(DifferentialFuser::new(args.beta)?),
     };
     let plan = devft_strategy.scheduler.plan(num_layers, args.rounds)?;
     eprintln!(
-        "DevFT stages (layers x rounds): {}",
+        "DevFT stages (layers x rounds){}: {}",
+        if args.schedule == "adaptive" {
+            ", until the probe decides"
+        } else {
+            ""
+        },
         plan.iter()
             .map(|s| format!("{}x{}", s.capacity, s.rounds))
             .collect::<Vec<_>>()
@@ -196,7 +288,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     eprintln!("held-out loss before training: {initial_loss:.4}");
     let mut results = Vec::new();
     for (name, strategy) in [("DevFT", devft_strategy), ("FedIT", Strategy::fedit())] {
-        let metrics_path = args.out.join(format!("{}.jsonl", name.to_lowercase()));
+        let metrics_path = out.join(format!("{}.jsonl", name.to_lowercase()));
         remove_if_present(&metrics_path)?;
         let mut federated = FederatedRun::new(
             config.clone(),
@@ -218,26 +310,15 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         });
     }
     let [devft, fedit] = <[MethodResult; 2]>::try_from(results).expect("two methods ran");
-
-    let summary = report::summary(&devft, &fedit, &args_line(&args), num_layers);
-    println!("\n{summary}");
-    std::fs::write(args.out.join("summary.md"), &summary)?;
-    plot::loss_plots(&args.out, &devft, &fedit)?;
-    let samples = sample_answers(&args, &held_out, &tokenizer, &model, &devft, &fedit)?;
-    println!("{samples}");
-    std::fs::write(args.out.join("samples.md"), samples)?;
-    eprintln!(
-        "done in {:.0} s; results in {}",
-        started.elapsed().as_secs_f64(),
-        args.out.display()
-    );
-    Ok(())
+    let samples = sample_answers(args, &held_out, tokenizer, &model, &devft, &fedit)?;
+    Ok((devft, fedit, samples))
 }
 
 /// Clients with a Dirichlet(alpha) share of each topic.
 fn split_by_topic(
     train: &[TokenizedExample],
     args: &Args,
+    seed: u64,
 ) -> Result<Vec<Vec<TokenizedExample>>, Box<dyn Error>> {
     let mut topics: Vec<&str> = train
         .iter()
@@ -253,7 +334,7 @@ fn split_by_topic(
                 .expect("every topic is listed")
         })
         .collect();
-    let parts = partition_dirichlet(&labels, args.clients, args.dirichlet_alpha, args.seed)?;
+    let parts = partition_dirichlet(&labels, args.clients, args.dirichlet_alpha, seed)?;
     Ok(parts
         .into_iter()
         .map(|part| part.into_iter().map(|i| train[i].clone()).collect())
@@ -267,13 +348,13 @@ fn remove_if_present(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// The settings, as a command line that reproduces the run.
-fn args_line(args: &Args) -> String {
+/// The settings, as a command line that reproduces the run of `seed`.
+fn args_line(args: &Args, seed: u64) -> String {
     format!(
         "--aggregator {} --clients {} --clients-per-round {} --rounds {} --local-steps {} --batch-size {} \
          --seq-len {} --rank {} --lora-alpha {} --learning-rate {} --dirichlet-alpha {} \
-         --first-stage {} --growth {} --train-examples {} --eval-examples {} --history {} \
-         --seed {}",
+         --schedule {} --first-stage {} --growth {} --tolerance {} --beta {} --train-examples {} \
+         --eval-examples {} --eval-every {} --history {} --seed {seed}{}",
         args.aggregator,
         args.clients,
         args.clients_per_round,
@@ -285,12 +366,20 @@ fn args_line(args: &Args) -> String {
         args.lora_alpha,
         args.learning_rate,
         args.dirichlet_alpha,
+        args.schedule,
         args.first_stage,
         args.growth,
+        args.tolerance,
+        args.beta,
         args.train_examples,
         args.eval_examples,
+        args.eval_every,
         args.history,
-        args.seed
+        if args.seeds > 1 {
+            format!(" --seeds {}", args.seeds)
+        } else {
+            String::new()
+        }
     )
 }
 

@@ -27,7 +27,7 @@ pub struct Progress {
     pub seconds: f64,
     /// Client-to-server bytes (whole messages).
     pub uplink: u64,
-    /// Server-to-client bytes (whole messages: tasks and stage set-ups).
+    /// Server-to-client bytes (whole messages: tasks, stage set-ups, probes).
     pub downlink: u64,
     pub eval_loss: f64,
 }
@@ -46,8 +46,8 @@ impl MethodResult {
         for m in &self.metrics {
             now.round = m.round;
             now.seconds += m.wall_seconds - m.eval_seconds;
-            now.uplink += m.bytes_up.total;
-            now.downlink += m.bytes_down.total + m.bytes_setup.total;
+            now.uplink += m.bytes_up.total + m.bytes_probe_up.total;
+            now.downlink += m.bytes_down.total + m.bytes_setup.total + m.bytes_probe_down.total;
             if let Some(loss) = m.eval_loss {
                 now.eval_loss = loss;
                 out.push(now);
@@ -67,6 +67,15 @@ impl MethodResult {
         self.progress()
             .into_iter()
             .take_while(|p| p.seconds <= seconds)
+            .last()
+            .map_or(self.initial_loss, |p| p.eval_loss)
+    }
+
+    /// The held-out loss of the last evaluated round within `bytes` of uplink.
+    fn loss_within_uplink(&self, bytes: u64) -> f64 {
+        self.progress()
+            .into_iter()
+            .take_while(|p| p.uplink <= bytes)
             .last()
             .map_or(self.initial_loss, |p| p.eval_loss)
     }
@@ -233,4 +242,139 @@ fn stage_rows(metrics: &[RoundMetrics]) -> Vec<StageRow> {
         row.final_loss = m.eval_loss.unwrap_or(f64::NAN);
     }
     rows
+}
+
+/// One quantity of the comparison, for both methods (`None`: not defined for this seed, e.g.
+/// a loss never reached).
+pub struct KeyRow {
+    pub label: &'static str,
+    pub devft: Option<f64>,
+    pub fedit: Option<f64>,
+    /// Whether FedIT / DevFT is a saving (costs), not a quality.
+    pub cost: bool,
+}
+
+/// The numbers the multi-seed table reports: quality at equal cost and cost to equal quality.
+pub fn key_rows(devft: &MethodResult, fedit: &MethodResult) -> Vec<KeyRow> {
+    let (d, f) = (devft.last(), fedit.last());
+    let target = f.eval_loss;
+    let (reach_d, reach_f) = (devft.reaching(target), fedit.reaching(target));
+    let row = |label, devft: Option<f64>, fedit: Option<f64>, cost| KeyRow {
+        label,
+        devft,
+        fedit,
+        cost,
+    };
+    vec![
+        row(
+            "final held-out loss",
+            Some(d.eval_loss),
+            Some(f.eval_loss),
+            false,
+        ),
+        row("federated time (s)", Some(d.seconds), Some(f.seconds), true),
+        row(
+            "uplink (MB)",
+            Some(d.uplink as f64 / 1e6),
+            Some(f.uplink as f64 / 1e6),
+            true,
+        ),
+        row(
+            "downlink (MB)",
+            Some(d.downlink as f64 / 1e6),
+            Some(f.downlink as f64 / 1e6),
+            true,
+        ),
+        row(
+            "held-out loss at DevFT's total time",
+            Some(d.eval_loss),
+            Some(fedit.loss_within(d.seconds)),
+            false,
+        ),
+        row(
+            "held-out loss at DevFT's total uplink",
+            Some(d.eval_loss),
+            Some(fedit.loss_within_uplink(d.uplink)),
+            false,
+        ),
+        row(
+            "time to FedIT's final loss (s)",
+            reach_d.map(|p| p.seconds),
+            reach_f.map(|p| p.seconds),
+            true,
+        ),
+        row(
+            "uplink to FedIT's final loss (MB)",
+            reach_d.map(|p| p.uplink as f64 / 1e6),
+            reach_f.map(|p| p.uplink as f64 / 1e6),
+            true,
+        ),
+    ]
+}
+
+/// `mean ± sample standard deviation (n)` of the defined values.
+fn spread(values: impl Iterator<Item = Option<f64>>, total: usize) -> String {
+    let values: Vec<f64> = values.flatten().collect();
+    if values.is_empty() {
+        return format!("never (0 of {total})");
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let sd = if values.len() > 1 {
+        (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    let digits = if mean.abs() < 20.0 { 4 } else { 1 };
+    let counted = if values.len() < total {
+        format!(" ({} of {total})", values.len())
+    } else {
+        String::new()
+    };
+    format!("{mean:.digits$} ± {sd:.digits$}{counted}")
+}
+
+/// The table over seeds: each quantity's mean ± standard deviation for both methods, and of
+/// the per-seed FedIT / DevFT ratio of costs.
+pub fn multi_seed_summary(per_seed: &[Vec<KeyRow>], seeds: &[u64], settings: &str) -> String {
+    let mut out = format!(
+        "## DevFT vs FedIT over {} seeds ({})\n\nEach cell: mean ± sample standard \
+         deviation over the seeds; a count where a quantity is not defined in every seed \
+         (a loss never reached). Every seed changes the data split, the held-out set, the \
+         LoRA initialisation, the client sampling and the batch order; within a seed both \
+         methods share all of them. Per-seed tables: `seed-S/summary.md`.\n\n",
+        seeds.len(),
+        seeds
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    out += "| quantity | DevFT | FedIT | FedIT / DevFT |\n|---|---|---|---|\n";
+    let total = per_seed.len();
+    for (i, first) in per_seed[0].iter().enumerate() {
+        let column =
+            |pick: fn(&KeyRow) -> Option<f64>| per_seed.iter().map(move |rows| pick(&rows[i]));
+        let ratio = if first.cost {
+            spread(
+                per_seed
+                    .iter()
+                    .map(|rows| match (rows[i].devft, rows[i].fedit) {
+                        (Some(d), Some(f)) if d > 0.0 => Some(f / d),
+                        _ => None,
+                    }),
+                total,
+            )
+        } else {
+            String::new()
+        };
+        out += &format!(
+            "| {} | {} | {} | {ratio} |\n",
+            first.label,
+            spread(column(|r| r.devft), total),
+            spread(column(|r| r.fedit), total)
+        );
+    }
+    out += &format!("\nSettings: `{settings}`\n");
+    out
 }

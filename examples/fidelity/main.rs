@@ -213,6 +213,7 @@ fn markdown(
         out += &"---:|".repeat(fusers.len());
         out += "\n";
         let mut capacities: Vec<usize> = report.points.iter().map(|p| p.capacity).collect();
+        capacities.sort_unstable();
         capacities.dedup();
         for k in capacities {
             let _ = write!(out, "| {k} |");
