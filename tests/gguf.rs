@@ -1,7 +1,7 @@
 //! GGUF reading: dequantisation against hand-computed values and malformed files.
 
 use devft::Error;
-use devft::model::gguf::{GgufArray, GgufFile, GgufValue};
+use devft::model::gguf::{GgufArray, GgufFile, GgufType, GgufValue};
 
 /// A tensor to write: name, GGUF dims (innermost first), type id, raw data.
 struct Raw<'a>(&'a str, Vec<u64>, u32, Vec<u8>);
@@ -182,9 +182,10 @@ fn malformed_files_give_typed_errors() {
     huge[8..16].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
     assert_gguf_error(&huge, "count");
 
+    // IQ2_XXS (16): an i-quant, not read.
     assert_gguf_error(
-        &write(&[Raw("k", vec![256], 12, vec![0; 144])]),
-        "unsupported type 12",
+        &write(&[Raw("k", vec![256], 16, vec![0; 66])]),
+        "unsupported type 16",
     );
 
     // An offset far beyond the data.
@@ -398,4 +399,47 @@ fn a_directory_named_like_a_gguf_file_is_an_io_error() {
         matches!(&err, Error::Io { source, .. } if source.to_string().contains("not a regular file")),
         "{err}"
     );
+}
+
+/// Every quantised type against the `gguf` package's numpy dequantisers
+/// (`tests/fixtures/gguf-quants/generate.py`): random quants, 3 rows of 512 values each.
+#[test]
+fn quantised_types_match_the_gguf_package() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf-quants/quants.gguf");
+    let file = GgufFile::open(&path).unwrap();
+    let kinds = [
+        ("q8_0", GgufType::Q8_0),
+        ("q4_0", GgufType::Q4_0),
+        ("q4_1", GgufType::Q4_1),
+        ("q5_0", GgufType::Q5_0),
+        ("q5_1", GgufType::Q5_1),
+        ("q2_k", GgufType::Q2K),
+        ("q3_k", GgufType::Q3K),
+        ("q4_k", GgufType::Q4K),
+        ("q5_k", GgufType::Q5K),
+        ("q6_k", GgufType::Q6K),
+    ];
+    for (name, kind) in kinds {
+        assert_eq!(file.tensors[name].kind, kind, "{name}");
+        let got = file.tensor(name).unwrap();
+        let expected = file.tensor(&format!("{name}.expected")).unwrap();
+        assert_eq!(got.shape(), &[3, 512], "{name}");
+        assert_eq!(got.shape(), expected.shape(), "{name}");
+        for (i, (g, e)) in got.values().iter().zip(expected.values()).enumerate() {
+            let tolerance = 1e-6 * e.abs().max(1.0);
+            assert!(
+                (g - e).abs() <= tolerance,
+                "{name}[{i}]: devft {g}, gguf {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_row_that_is_not_a_whole_number_of_blocks_is_refused() {
+    // 2 rows of 128 values stored as Q4_K: 256 values in all, one super-block, but rows of
+    // 128 cannot be K-quantised.
+    let bytes = write(&[Raw("w", vec![128, 2], 12, vec![0; 144])]);
+    assert_gguf_error(&bytes, "w");
 }

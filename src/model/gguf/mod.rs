@@ -1,5 +1,6 @@
 //! Reading GGUF files (llama.cpp's format, versions 2 and 3): metadata, tensor index and
-//! dequantisation of F32, F16, BF16, Q8_0, Q4_0 and Q4_1 tensors.
+//! dequantisation (F32, F16, BF16, the legacy quants Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
+//! K-quants Q2_K to Q6_K: [`GgufType`]).
 //!
 //! Every length and offset the file declares is checked against the bytes really present
 //! before anything is allocated, so a malformed or hostile file gives [`Error::Gguf`], never a
@@ -15,6 +16,10 @@ use crate::model::causal_lm::CausalLm;
 use crate::model::checkpoint::map_file;
 use crate::model::config::{DecoderConfig, HfConfig};
 use crate::params::{HostTensor, TensorSource};
+
+mod quants;
+
+pub use quants::{GgufType, dequantize};
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -149,48 +154,6 @@ impl GgufValue {
         match self {
             GgufValue::String(s) => Some(s),
             _ => None,
-        }
-    }
-}
-
-/// The storage type of a tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GgufType {
-    /// 32-bit float.
-    F32,
-    /// 16-bit float.
-    F16,
-    /// bfloat16.
-    Bf16,
-    /// Blocks of 32: f16 scale `d`, 32 x i8; `x = d q`.
-    Q8_0,
-    /// Blocks of 32: f16 `d`, 16 bytes of nibbles; `x = d (q - 8)`.
-    Q4_0,
-    /// Blocks of 32: f16 `d`, f16 `m`, 16 bytes of nibbles; `x = d q + m`.
-    Q4_1,
-}
-
-impl GgufType {
-    fn from_id(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => GgufType::F32,
-            1 => GgufType::F16,
-            2 => GgufType::Q4_0,
-            3 => GgufType::Q4_1,
-            8 => GgufType::Q8_0,
-            30 => GgufType::Bf16,
-            _ => return None,
-        })
-    }
-
-    /// `(values per block, bytes per block)`.
-    fn block(self) -> (usize, usize) {
-        match self {
-            GgufType::F32 => (1, 4),
-            GgufType::F16 | GgufType::Bf16 => (1, 2),
-            GgufType::Q8_0 => (32, 34),
-            GgufType::Q4_0 => (32, 18),
-            GgufType::Q4_1 => (32, 20),
         }
     }
 }
@@ -420,12 +383,16 @@ impl GgufFile {
         let mut tensors = BTreeMap::new();
         for (name, dims, kind_id, offset) in raw {
             let kind = GgufType::from_id(kind_id).ok_or_else(|| {
-                r.error(format!("tensor `{name}` has unsupported type {kind_id} (F32, F16, BF16, Q8_0, Q4_0, Q4_1 are)"))
+                r.error(format!(
+                    "tensor `{name}` has unsupported type {kind_id} (supported: {})",
+                    GgufType::SUPPORTED
+                ))
             })?;
             let count = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
             let (per_block, block_bytes) = kind.block();
+            // Blocks never span rows: the innermost dimension is a whole number of blocks.
             let size = count
-                .filter(|c| c % per_block as u64 == 0)
+                .filter(|_| dims[0] % per_block as u64 == 0)
                 .and_then(|c| (c / per_block as u64).checked_mul(block_bytes as u64));
             let start = (data_start as u64).checked_add(offset);
             let end = start.zip(size).and_then(|(s, n)| s.checked_add(n));
@@ -469,53 +436,6 @@ impl GgufFile {
         let data = &self.bytes[info.range.clone()];
         let values = dequantize(info.kind, data);
         HostTensor::new(info.dims.iter().rev().copied().collect(), values)
-    }
-}
-
-fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
-}
-
-/// Dequantises a whole tensor's data (its length is checked against the declared size when
-/// the file is opened).
-pub fn dequantize(kind: GgufType, data: &[u8]) -> Vec<f32> {
-    match kind {
-        GgufType::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        GgufType::F16 => data.chunks_exact(2).map(|b| f16_at(b, 0)).collect(),
-        GgufType::Bf16 => data
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        GgufType::Q8_0 => data
-            .chunks_exact(34)
-            .flat_map(|b| {
-                let d = f16_at(b, 0);
-                b[2..].iter().map(move |&q| d * f32::from(q as i8))
-            })
-            .collect(),
-        GgufType::Q4_0 => data
-            .chunks_exact(18)
-            .flat_map(|b| {
-                let d = f16_at(b, 0);
-                let q = &b[2..];
-                let low = q.iter().map(move |&x| d * (f32::from(x & 0x0F) - 8.0));
-                let high = q.iter().map(move |&x| d * (f32::from(x >> 4) - 8.0));
-                low.chain(high)
-            })
-            .collect(),
-        GgufType::Q4_1 => data
-            .chunks_exact(20)
-            .flat_map(|b| {
-                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-                let q = &b[4..];
-                let low = q.iter().map(move |&x| d * f32::from(x & 0x0F) + m);
-                let high = q.iter().map(move |&x| d * f32::from(x >> 4) + m);
-                low.chain(high)
-            })
-            .collect(),
     }
 }
 
@@ -746,8 +666,8 @@ impl TensorSource for GgufSource<'_> {
 }
 
 impl CausalLm {
-    /// Loads a GGUF file (`llama` or `qwen2` architecture; F32, F16, BF16, Q8_0, Q4_0 or Q4_1
-    /// tensors, dequantised to f32) onto `device`.
+    /// Loads a GGUF file (`llama` or `qwen2` architecture; tensors of any [`GgufType`],
+    /// dequantised to f32) onto `device`.
     ///
     /// # Errors
     ///
