@@ -28,8 +28,11 @@ pub struct Chart<'a> {
     pub title: &'a str,
     pub x_label: &'a str,
     pub y_label: &'a str,
-    /// Named series of `(x, y)` points.
+    /// Named series of `(x, y)` points; a series with an empty name has no legend entry.
     pub series: &'a [(String, Vec<(f64, f64)>)],
+    /// Palette index of each series (by default the series' own index), so that related
+    /// series can share a colour.
+    pub colours: Option<&'a [usize]>,
     /// A labelled horizontal dashed line.
     pub reference: Option<(&'a str, f64)>,
 }
@@ -71,11 +74,15 @@ pub fn line_chart(path: &Path, chart: &Chart<'_>) -> Result<(), Box<dyn Error>> 
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], style));
     }
     for (i, (name, points)) in chart.series.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
+        let colour = chart.colours.and_then(|c| c.get(i)).copied().unwrap_or(i);
+        let color = PALETTE[colour % PALETTE.len()];
         let style = color.stroke_width(3);
-        plot.draw_series(LineSeries::new(points.iter().copied(), style))?
-            .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], style));
+        let drawn = plot.draw_series(LineSeries::new(points.iter().copied(), style))?;
+        if !name.is_empty() {
+            drawn
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], style));
+        }
         plot.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
     }
     plot.configure_series_labels()

@@ -134,7 +134,9 @@ pub fn summary(
     out += &format!(
         "Held-out loss before training: {:.4}. Time counts the federated work (local \
          training, coding, aggregation, DevFT's grouping and fusion), not the per-round \
-         held-out evaluation that both methods share; bytes are whole safetensors messages.\n\n",
+         held-out evaluation that both methods share; bytes are whole safetensors messages. \
+         This is one seed: differences between the methods can change sign from seed to seed \
+         (docs/results.md); `--seeds N` gives their mean and spread.\n\n",
         devft.initial_loss
     );
     out += "| | DevFT | FedIT | FedIT / DevFT |\n|---|---|---|---|\n";

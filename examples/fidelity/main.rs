@@ -300,6 +300,7 @@ fn plot(
             y_label: "held-out loss",
             series: &series,
             reference: Some(("full model", report.full_loss)),
+            colours: None,
         },
     )
 }
