@@ -1,4 +1,3 @@
 pub mod aggregate;
 pub mod devft_core;
 pub mod lora_layer;
-pub mod model_step;

@@ -23,12 +23,6 @@ mod data;
 mod plot;
 mod report;
 
-// mimalloc keeps freed large blocks for reuse; glibc's malloc returns each logits-sized
-// temporary to the kernel and page-faults a fresh zeroed one on the next step (see
-// docs/performance.md). A binary's choice, not the library's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

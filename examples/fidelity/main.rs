@@ -17,12 +17,6 @@ mod chart;
 #[path = "../devft_vs_fedit/data.rs"]
 mod data;
 
-// mimalloc keeps freed large blocks for reuse; glibc's malloc returns each logits-sized
-// temporary to the kernel and page-faults a fresh zeroed one on the next step (see
-// docs/performance.md). A binary's choice, not the library's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::error::Error;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -23,12 +23,6 @@
 
 mod settings;
 
-// mimalloc keeps freed large blocks for reuse (glibc's malloc gives each logits-sized temporary
-// back to the kernel, and the next training step page-faults a fresh zeroed one; see
-// docs/performance.md). It serves this extension's Rust allocations only, not Python's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Mutex, MutexGuard};

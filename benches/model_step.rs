@@ -1,13 +1,14 @@
 //! A LoRA training step (forward + backward + AdamW on the adapters) and an inference forward
 //! pass on a randomly initialised model with SmolLM2-135M's shape, batch 4 x 128 tokens,
 //! LoRA r = 8, alpha = 16 on all seven projections. `benches/peft_train_step.py` runs the same
-//! with PyTorch + PEFT.
+//! with PyTorch + PEFT; `benches/side_by_side.sh` runs both back to back. A bench target of its
+//! own, so that its process's peak RSS is the training step's.
 
 use std::time::{Duration, Instant};
 
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use criterion::{Criterion, Throughput, criterion_group};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use devft::model::{CausalLm, DecoderConfig, LoraConfig, next_token_loss};
 use rand::{Rng, SeedableRng};
 
@@ -69,3 +70,4 @@ fn model_step(c: &mut Criterion) {
 }
 
 criterion_group!(benches, model_step);
+criterion_main!(benches);
