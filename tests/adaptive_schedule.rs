@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use devft::aggregate::FedAvg;
-use devft::federated::{FederatedConfig, FederatedRun, LocalTrainingConfig, RunOutcome, Strategy};
+use devft::federated::{FederatedConfig, FederatedRun, RunOutcome, Strategy};
 use devft::fidelity::submodel_loss;
 use devft::fusion::DifferentialFuser;
 use devft::grouping::{Grouping, LayerGrouper, SpectralGrouper};
@@ -17,13 +17,7 @@ use devft::schedule::{
 };
 
 fn config(rounds: usize) -> FederatedConfig {
-    let local = LocalTrainingConfig::new()
-        .with_learning_rate(5e-3)
-        .with_local_steps(2)
-        .with_batch_size(4);
-    FederatedConfig::new(rounds, local)
-        .with_clients_per_round(3)
-        .with_seed(5)
+    tiny_config(rounds, 2, 5)
 }
 
 fn run(scheduler: Box<dyn StageScheduler>, config: FederatedConfig) -> RunOutcome {

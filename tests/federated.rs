@@ -8,8 +8,8 @@ mod common;
 use common::*;
 use devft::aggregate::{Aggregator, ClientUpdate, FedAvg, FedProx, Flora};
 use devft::federated::{
-    Fault, FederatedConfig, FederatedRun, LocalTrainingConfig, RandomFailures, RoundMetrics,
-    RunOutcome, Strategy, evaluate_loss,
+    Fault, FederatedConfig, FederatedRun, RandomFailures, RoundMetrics, RunOutcome, Strategy,
+    evaluate_loss,
 };
 use devft::fusion::DifferentialFuser;
 use devft::grouping::{Grouping, SpectralGrouper};
@@ -23,13 +23,7 @@ fn model() -> CausalLm {
 }
 
 fn config(rounds: usize) -> FederatedConfig {
-    let local = LocalTrainingConfig::new()
-        .with_learning_rate(5e-3)
-        .with_local_steps(3)
-        .with_batch_size(4);
-    FederatedConfig::new(rounds, local)
-        .with_clients_per_round(3)
-        .with_seed(11)
+    tiny_config(rounds, 3, 11)
 }
 
 fn devft_three_stages() -> Strategy {

