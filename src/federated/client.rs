@@ -208,10 +208,7 @@ impl Client {
             round: task.round,
             client: self.id,
             loss,
-            num_targets: examples
-                .iter()
-                .map(|e| e.targets.iter().filter(|&&t| t).count())
-                .sum(),
+            num_targets: predicted_targets(examples),
         })
     }
 }
@@ -253,12 +250,18 @@ impl Client {
         Ok(ProbeReply {
             client: self.id,
             losses,
-            num_targets: examples
-                .iter()
-                .map(|e| e.targets.iter().skip(1).filter(|&&t| t).count())
-                .sum(),
+            num_targets: predicted_targets(examples),
         })
     }
+}
+
+/// The target tokens a loss over `examples` averages: every target but one at position 0,
+/// which no position predicts (as [`crate::data::Batch`] counts them).
+fn predicted_targets(examples: &[TokenizedExample]) -> usize {
+    examples
+        .iter()
+        .map(|e| e.targets.iter().skip(1).filter(|&&t| t).count())
+        .sum()
 }
 
 fn check_stage(stage: &StageModel, task_stage: usize) -> Result<()> {
