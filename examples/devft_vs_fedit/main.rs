@@ -131,6 +131,12 @@ struct Args {
     /// Seed of the data split, LoRA initialisation, client sampling and batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Training memory each client declares, comma-separated in client order (one value:
+    /// every client), e.g. `350M,350M,1G,...`: bytes with an optional K, M or G (powers of
+    /// 1024), or `none` for no limit. A client is sampled only in stages whose memory
+    /// estimate fits its budget; the tables say who was left out. [default: no limits]
+    #[arg(long, value_delimiter = ',')]
+    client_memory: Vec<String>,
     /// Run both methods for this many seeds (`--seed`, `--seed` + 1, ...): each seed's
     /// results go to `OUT/seed-S/`, `OUT/summary.md` gives every number's mean and
     /// spread, and `OUT/loss_vs_*.png` every seed's curves.
@@ -256,7 +262,9 @@ fn run_seed(
     let config = FederatedConfig::new(args.rounds, local)
         .with_clients_per_round(args.clients_per_round)
         .with_eval_every(args.eval_every)
+        .with_max_example_tokens(args.seq_len)
         .with_seed(seed);
+    let budgets = memory_budgets(&args.client_memory, args.clients)?;
     let scheduler: Box<dyn StageScheduler> = match args.schedule.as_str() {
         "geometric" => Box::new(GeometricScheduler::new(
             args.first_stage_of(num_layers),
@@ -301,6 +309,7 @@ fn run_seed(
             clients.clone(),
             eval.clone(),
         )?
+        .with_memory_budgets(budgets.clone())?
         .with_metrics_file(&metrics_path)
         .with_progress(name);
         let run_started = Instant::now();
@@ -345,6 +354,46 @@ fn split_by_topic(
         .collect())
 }
 
+/// `--client-memory`: one budget per client (or one for all; none given: no limits).
+fn memory_budgets(values: &[String], clients: usize) -> Result<Vec<Option<u64>>, Box<dyn Error>> {
+    let parse = |value: &String| -> Result<Option<u64>, Box<dyn Error>> {
+        let value = value.trim();
+        if value.eq_ignore_ascii_case("none") {
+            return Ok(None);
+        }
+        let (digits, unit) = match value.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => (&value[..i], c.to_ascii_uppercase()),
+            _ => (value, 'B'),
+        };
+        let shift = match unit {
+            'B' => 0,
+            'K' => 10,
+            'M' => 20,
+            'G' => 30,
+            _ => {
+                return Err(format!("--client-memory: unknown unit in `{value}` (K, M, G)").into());
+            }
+        };
+        let number: f64 = digits
+            .parse()
+            .map_err(|_| format!("--client-memory: `{value}` is not a size like 350M or 2G"))?;
+        if !(number.is_finite() && number > 0.0) {
+            return Err(format!("--client-memory: `{value}` must be a positive size").into());
+        }
+        Ok(Some((number * f64::from(1u32 << shift)) as u64))
+    };
+    let budgets = values.iter().map(parse).collect::<Result<Vec<_>, _>>()?;
+    match budgets.len() {
+        0 => Ok(vec![None; clients]),
+        1 => Ok(vec![budgets[0]; clients]),
+        n if n == clients => Ok(budgets),
+        n => Err(format!(
+            "--client-memory lists {n} budgets for {clients} clients (give 1 or {clients})"
+        )
+        .into()),
+    }
+}
+
 fn remove_if_present(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
         Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
@@ -358,7 +407,7 @@ fn args_line(args: &Args, seed: u64) -> String {
         "--aggregator {} --clients {} --clients-per-round {} --rounds {} --local-steps {} --batch-size {} \
          --seq-len {} --rank {} --lora-alpha {} --learning-rate {} --dirichlet-alpha {} \
          --schedule {}{} --growth {} --tolerance {} --beta {} --train-examples {} \
-         --eval-examples {} --eval-every {} --history {} --seed {seed}{}",
+         --eval-examples {} --eval-every {} --history {} --seed {seed}{}{}",
         args.aggregator,
         args.clients,
         args.clients_per_round,
@@ -384,6 +433,11 @@ fn args_line(args: &Args, seed: u64) -> String {
             format!(" --seeds {}", args.seeds)
         } else {
             String::new()
+        },
+        if args.client_memory.is_empty() {
+            String::new()
+        } else {
+            format!(" --client-memory {}", args.client_memory.join(","))
         }
     )
 }

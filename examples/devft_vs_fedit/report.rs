@@ -80,6 +80,23 @@ impl MethodResult {
             .map_or(self.initial_loss, |p| p.eval_loss)
     }
 
+    /// Distinct clients whose training reached the server (sampled and not failed).
+    fn clients_trained(&self) -> usize {
+        let mut trained: Vec<usize> = self
+            .metrics
+            .iter()
+            .flat_map(|m| {
+                m.clients_sampled
+                    .iter()
+                    .copied()
+                    .filter(|c| m.clients_failed.iter().all(|(f, _)| f != c))
+            })
+            .collect();
+        trained.sort_unstable();
+        trained.dedup();
+        trained.len()
+    }
+
     fn last(&self) -> Progress {
         *self.progress().last().expect("round 0 is always there")
     }
@@ -142,6 +159,11 @@ pub fn summary(
     out += "| | DevFT | FedIT | FedIT / DevFT |\n|---|---|---|---|\n";
     out += &format!("| rounds | {} | {} | |\n", d.round, f.round);
     out += &format!(
+        "| clients that trained | {} | {} | |\n",
+        devft.clients_trained(),
+        fedit.clients_trained()
+    );
+    out += &format!(
         "| final held-out loss | {:.4} | {:.4} | |\n",
         d.eval_loss, f.eval_loss
     );
@@ -176,12 +198,18 @@ pub fn summary(
     out += "\n### Per stage\n\n";
     out += "| method | stage | layers | rounds | time / round | evaluation / round | \
             uplink / round | downlink / round | of which stage set-up | client memory (est.) | \
+            peak RSS of client training (measured, whole process) | clients left out | \
             held-out loss at end |\n";
-    out += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+    out += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for method in [devft, fedit] {
         for row in stage_rows(&method.metrics) {
+            let left_out = if row.left_out.is_empty() {
+                "none".to_string()
+            } else {
+                format!("{:?} (memory)", row.left_out)
+            };
             out += &format!(
-                "| {} | {} | {}/{num_layers} | {} | {:.1} s | {:.1} s | {} | {} | {} | {:.0} MB | {:.4} |\n",
+                "| {} | {} | {}/{num_layers} | {} | {:.1} s | {:.1} s | {} | {} | {} | {:.0} MB | {} | {left_out} | {:.4} |\n",
                 method.name,
                 row.stage + 1,
                 row.capacity,
@@ -192,6 +220,8 @@ pub fn summary(
                 mb(row.downlink / row.rounds as u64),
                 mb(row.setup / row.rounds as u64),
                 row.memory_bytes as f64 / 1e6,
+                row.peak_rss_bytes
+                    .map_or("-".to_string(), |b| format!("{:.0} MB", b as f64 / 1e6)),
                 row.final_loss
             );
         }
@@ -213,6 +243,9 @@ struct StageRow {
     /// Stage set-ups alone.
     setup: u64,
     memory_bytes: u64,
+    peak_rss_bytes: Option<u64>,
+    /// Clients left out of the stage for their memory budget.
+    left_out: Vec<usize>,
     final_loss: f64,
 }
 
@@ -230,6 +263,8 @@ fn stage_rows(metrics: &[RoundMetrics]) -> Vec<StageRow> {
                 downlink: 0,
                 setup: 0,
                 memory_bytes: 0,
+                peak_rss_bytes: None,
+                left_out: Vec::new(),
                 final_loss: f64::NAN,
             });
         }
@@ -241,6 +276,12 @@ fn stage_rows(metrics: &[RoundMetrics]) -> Vec<StageRow> {
         row.downlink += m.bytes_down.total + m.bytes_setup.total;
         row.setup += m.bytes_setup.total;
         row.memory_bytes = row.memory_bytes.max(m.memory_bytes);
+        row.peak_rss_bytes = row.peak_rss_bytes.max(m.peak_rss_bytes);
+        for (client, _) in &m.clients_excluded {
+            if !row.left_out.contains(client) {
+                row.left_out.push(*client);
+            }
+        }
         row.final_loss = m.eval_loss.unwrap_or(f64::NAN);
     }
     rows
@@ -272,6 +313,12 @@ pub fn key_rows(devft: &MethodResult, fedit: &MethodResult) -> Vec<KeyRow> {
             "final held-out loss",
             Some(d.eval_loss),
             Some(f.eval_loss),
+            false,
+        ),
+        row(
+            "clients that trained",
+            Some(devft.clients_trained() as f64),
+            Some(fedit.clients_trained() as f64),
             false,
         ),
         row("federated time (s)", Some(d.seconds), Some(f.seconds), true),

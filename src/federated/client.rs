@@ -2,13 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::Module;
 use burn::tensor::Device;
 
 use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
 use crate::federated::evaluate::evaluate_loss;
 use crate::federated::local::train_local;
+use crate::federated::memory::{measure_peak_rss, training_memory_estimate};
 use crate::federated::protocol::{
     DeviceState, EvaluateReply, EvaluateTask, ProbeReply, ProbeTask, StageSetup, StartAdapter,
     TrainReply, TrainTask,
@@ -155,14 +155,17 @@ impl Client {
         }
         let mut local = stage.submodel().clone();
         local.load_lora_params(&received)?;
-        let outcome = train_local(
-            &local,
-            &self.examples,
-            &task.local,
-            &task.instructions,
-            train_device,
-            task.seed,
-        )?;
+        let (outcome, peak_rss) = measure_peak_rss(|| {
+            train_local(
+                &local,
+                &self.examples,
+                &task.local,
+                &task.instructions,
+                train_device,
+                task.seed,
+            )
+        });
+        let outcome = outcome?;
         let (own, shared): (ParamMap, ParamMap) = outcome
             .adapter
             .into_iter()
@@ -170,20 +173,27 @@ impl Client {
         if !own.is_empty() {
             self.personal = Some((task.stage, own));
         }
-        let memory = memory_estimate(
+        let longest = |count: fn(&TokenizedExample) -> usize| {
+            task.local.batch_size * self.examples.iter().map(count).max().unwrap_or(0)
+        };
+        let memory = training_memory_estimate(
             &local,
             received.num_values(),
-            &self.examples,
-            task.local.batch_size,
+            longest(|e| e.ids.len()),
+            longest(|e| e.targets.iter().filter(|&&t| t).count()),
         );
+        let mut metrics = BTreeMap::from([
+            ("train_loss".to_string(), outcome.mean_loss),
+            ("memory_estimate_bytes".to_string(), memory as f64),
+        ]);
+        if let Some(peak) = peak_rss {
+            metrics.insert("peak_rss_bytes".to_string(), peak as f64);
+        }
         Ok(TrainReply {
             round: task.round,
             client: self.id,
             num_examples: self.examples.len(),
-            metrics: BTreeMap::from([
-                ("train_loss".to_string(), outcome.mean_loss),
-                ("memory_estimate_bytes".to_string(), memory as f64),
-            ]),
+            metrics,
             adapter: shared,
         })
     }
@@ -272,27 +282,4 @@ fn check_stage(stage: &StageModel, task_stage: usize) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Training memory of one client in bytes of f32, counted from shapes: the model's
-/// parameters; gradients and two AdamW moments of the `trainable` adapter values; and the activations of one batch of the client's longest
-/// examples (12 hidden-sized values per token and layer, and the logits of the target
-/// positions twice).
-fn memory_estimate(
-    model: &CausalLm,
-    trainable: usize,
-    examples: &[TokenizedExample],
-    batch_size: usize,
-) -> u64 {
-    let config = model.config();
-    let trainable = trainable as u64;
-    let parameters = model.num_params() as u64;
-    let longest = |count: fn(&TokenizedExample) -> usize| {
-        (batch_size * examples.iter().map(count).max().unwrap_or(0)) as u64
-    };
-    let tokens = longest(|e| e.ids.len());
-    let targets = longest(|e| e.targets.iter().filter(|&&t| t).count());
-    let activations = tokens * 12 * config.hidden_size as u64 * config.num_layers as u64
-        + targets * 2 * config.vocab_size as u64;
-    4 * (parameters + 3 * trainable + activations)
 }

@@ -13,6 +13,10 @@ pub struct RoundMetrics {
     pub round: usize,
     /// Clients asked to train.
     pub clients_sampled: Vec<usize>,
+    /// Clients left out of sampling, with the reason (a declared memory budget below the
+    /// stage's estimate).
+    #[serde(default)]
+    pub clients_excluded: Vec<(usize, String)>,
     /// Clients that failed or were rejected, with the reason.
     pub clients_failed: Vec<(usize, String)>,
     /// Example-weighted mean of the clients' local training losses.
@@ -37,6 +41,11 @@ pub struct RoundMetrics {
     /// submodel's parameters, the trainable values with their gradients and two AdamW
     /// moments, and the activations of one batch of the client's longest examples.
     pub memory_bytes: u64,
+    /// Measured peak resident memory of client training in bytes, the largest the round's
+    /// clients report ([`crate::federated::measure_peak_rss`]; the process's peak while it
+    /// trained). `None` where no client could measure it.
+    #[serde(default)]
+    pub peak_rss_bytes: Option<u64>,
     /// Whether the global adapter changed (false when too few clients succeeded or the
     /// aggregator failed).
     pub aggregated: bool,

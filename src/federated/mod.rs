@@ -19,6 +19,7 @@ mod client;
 mod evaluate;
 mod faults;
 mod local;
+mod memory;
 mod metrics;
 pub mod protocol;
 mod runner;
@@ -29,6 +30,7 @@ pub use client::Client;
 pub use evaluate::evaluate_loss;
 pub use faults::{Fault, FaultInjector, RandomFailures};
 pub use local::{LocalOutcome, LocalTrainingConfig, train_local};
+pub use memory::{measure_peak_rss, training_memory_estimate};
 pub use metrics::{Ledger, LedgerEntry, RoundMetrics, WireSize};
 pub use runner::{FederatedRun, RunOutcome};
 pub use server::{ClientTask, Evaluation, PersonalState, RoundTasks, Server};
@@ -81,6 +83,11 @@ pub struct FederatedConfig {
     /// Default: 8.
     #[config(default = 8)]
     pub probe_examples: usize,
+    /// Longest tokenised example a client trains on, for the server's memory estimate of a
+    /// stage, which it compares with the clients' declared budgets
+    /// ([`Server::declare_memory_budget`]). Default: 512.
+    #[config(default = 512)]
+    pub max_example_tokens: usize,
 }
 
 /// How a run develops the model: stage plan, grouping and fusion.

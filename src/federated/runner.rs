@@ -64,6 +64,8 @@ pub struct FederatedRun {
     /// Taken by the first [`FederatedRun::run`].
     parts: Option<(Strategy, Box<dyn Aggregator>)>,
     clients: Vec<Client>,
+    /// Each client's declared memory budget in bytes (`None`: no limit).
+    memory_budgets: Vec<Option<u64>>,
     eval: Vec<TokenizedExample>,
     faults: Option<Box<dyn FaultInjector>>,
     metrics_path: Option<PathBuf>,
@@ -95,6 +97,7 @@ impl FederatedRun {
         }
         validate_config(&config, clients.len())?;
         Ok(Self {
+            memory_budgets: vec![None; clients.len()],
             config,
             parts: Some((strategy, aggregator)),
             clients: clients
@@ -110,6 +113,25 @@ impl FederatedRun {
             progress: false,
             label: "run".into(),
         })
+    }
+
+    /// Gives each client (in client order) the training memory it declares, in bytes
+    /// (`None`: no limit). A client is sampled only in stages whose memory estimate fits its
+    /// budget ([`Server::declare_memory_budget`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] when there is not one budget per client.
+    pub fn with_memory_budgets(mut self, budgets: Vec<Option<u64>>) -> Result<Self> {
+        if budgets.len() != self.clients.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} memory budgets for {} clients",
+                budgets.len(),
+                self.clients.len()
+            )));
+        }
+        self.memory_budgets = budgets;
+        Ok(self)
     }
 
     /// Injects client faults (tests, chaos drills).
@@ -167,6 +189,9 @@ impl FederatedRun {
             model,
             self.clients.len(),
         )?;
+        for (client, budget) in self.memory_budgets.iter().enumerate() {
+            server.declare_memory_budget(client, *budget)?;
+        }
         if let Some(dir) = &self.checkpoint_dir
             && let Some(personal) = server.restore(dir)?
         {

@@ -14,6 +14,7 @@ use crate::aggregate::{
 };
 use crate::error::{Error, Result};
 use crate::federated::checkpoint::{Checkpoint, RunShape, RunState};
+use crate::federated::memory::training_memory_estimate;
 use crate::federated::metrics::WireSize;
 use crate::federated::metrics::{Ledger, LedgerEntry, RoundMetrics};
 use crate::federated::protocol::{
@@ -106,6 +107,8 @@ pub struct Server {
     probe_cost: Option<ProbeCost>,
     /// A scheduling decision for the next finished round's metrics.
     schedule_note: Option<String>,
+    /// The memory budget each client declared, in bytes (`None`: no limit).
+    memory_budgets: Vec<Option<u64>>,
 }
 
 /// Bytes and seconds of the probe before the first stage.
@@ -126,6 +129,9 @@ struct ServerStage {
     global: ParamMap,
     /// Clients that hold this stage's set-up, with the number of its merges they were sent.
     synced: BTreeMap<usize, usize>,
+    /// Training memory of the stage's submodel for a client with the run's longest examples
+    /// ([`training_memory_estimate`]).
+    memory_estimate: u64,
 }
 
 impl ServerStage {
@@ -153,6 +159,8 @@ struct PendingRound {
     setup_seconds: f64,
     /// Per sampled client: set-up and task sizes, and the largest reply accepted.
     sent: BTreeMap<usize, (WireSize, WireSize, usize)>,
+    /// Clients left out of sampling, with the reason.
+    excluded: Vec<(usize, String)>,
     /// Filled by [`Server::aggregate_round`].
     metrics: Option<RoundMetrics>,
 }
@@ -193,6 +201,31 @@ pub struct Evaluation {
     pub loss: f64,
     /// Seconds it took.
     pub seconds: f64,
+}
+
+/// The clients whose memory budget fits `estimate`, and the others with the reason.
+fn eligible_clients(budgets: &[Option<u64>], estimate: u64) -> (Vec<usize>, Vec<(usize, String)>) {
+    let mut eligible = Vec::with_capacity(budgets.len());
+    let mut excluded = Vec::new();
+    for (client, budget) in budgets.iter().enumerate() {
+        match budget {
+            Some(budget) if *budget < estimate => excluded.push((
+                client,
+                format!(
+                    "memory budget {} < the stage's estimate {}",
+                    format_bytes(*budget),
+                    format_bytes(estimate)
+                ),
+            )),
+            _ => eligible.push(client),
+        }
+    }
+    (eligible, excluded)
+}
+
+/// Bytes in MiB, for messages.
+fn format_bytes(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
 /// SplitMix-style mixing of a seed with a value: the run's seeds derive from its seed, the
@@ -302,7 +335,34 @@ impl Server {
             probe_sent: None,
             probe_cost: None,
             schedule_note: None,
+            memory_budgets: vec![None; num_clients],
         })
+    }
+
+    /// Records the training memory `client` declared it has, in bytes (`None`: no limit).
+    /// From the next round on, [`Server::configure_round`] samples the client only for stages
+    /// whose memory estimate ([`training_memory_estimate`] for a batch of
+    /// [`FederatedConfig::max_example_tokens`]-token examples) fits the budget; the round's
+    /// metrics list the clients left out and why.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a client id outside the run.
+    pub fn declare_memory_budget(&mut self, client: usize, bytes: Option<u64>) -> Result<()> {
+        let num_clients = self.memory_budgets.len();
+        let budget = self.memory_budgets.get_mut(client).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "client {client} declared a memory budget, but the run has {num_clients} clients"
+            ))
+        })?;
+        *budget = bytes;
+        Ok(())
+    }
+
+    /// The current stage's training memory estimate per client, in bytes (after
+    /// [`Server::configure_round`] started the stage).
+    pub fn stage_memory_estimate(&self) -> Option<u64> {
+        self.current.as_ref().map(|c| c.memory_estimate)
     }
 
     /// Whether every stage of the plan is done.
@@ -367,12 +427,14 @@ impl Server {
     }
 
     /// Starts the next round: starts the stage if needed (grouping and fusion), samples the
-    /// clients and encodes their messages.
+    /// clients (among those whose declared memory budget fits the stage) and encodes their
+    /// messages.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] when the run is finished or a round is already open; the
-    /// errors of grouping, fusion and encoding.
+    /// [`Error::InvalidArgument`] when the run is finished, a round is already open, or fewer
+    /// clients than [`FederatedConfig::min_successful_clients`] have the memory the stage
+    /// needs; the errors of grouping, fusion and encoding.
     pub fn configure_round(&mut self) -> Result<RoundTasks> {
         if self.is_finished() {
             return Err(Error::InvalidArgument("the run is finished".into()));
@@ -397,15 +459,25 @@ impl Server {
         let round = self.state.rounds_done + 1;
         let round_seed = mix(self.config.seed, round as u64);
         let mut rng = StdRng::seed_from_u64(round_seed);
-        let mut sampled: Vec<usize> = sample(
-            &mut rng,
-            self.state.num_clients,
-            self.config.clients_per_round,
-        )
-        .into_vec();
+        let current = self.current.as_mut().expect("started above");
+        let (eligible, excluded) = eligible_clients(&self.memory_budgets, current.memory_estimate);
+        if eligible.len() < self.config.min_successful_clients {
+            return Err(Error::InvalidArgument(format!(
+                "stage {} needs about {} of memory per client; {} client(s) declared that much, \
+                 fewer than min_successful_clients ({})",
+                self.state.stage + 1,
+                format_bytes(current.memory_estimate),
+                eligible.len(),
+                self.config.min_successful_clients
+            )));
+        }
+        let count = self.config.clients_per_round.min(eligible.len());
+        let mut sampled: Vec<usize> = sample(&mut rng, eligible.len(), count)
+            .into_iter()
+            .map(|i| eligible[i])
+            .collect();
         sampled.sort_unstable();
         let instructions = self.aggregator.client_instructions();
-        let current = self.current.as_mut().expect("started above");
         let mut tasks = Vec::with_capacity(sampled.len());
         let mut sent = BTreeMap::new();
         for &client in &sampled {
@@ -439,6 +511,7 @@ impl Server {
             started,
             setup_seconds,
             sent,
+            excluded,
             metrics: None,
         });
         Ok(RoundTasks {
@@ -479,6 +552,7 @@ impl Server {
         let mut failed = Vec::new();
         let mut losses = Vec::new();
         let mut memory = 0u64;
+        let mut peak_rss = None;
         for &client in &pending.sampled {
             let (setup, down, max_bytes) = pending.sent[&client];
             let mut up = WireSize::default();
@@ -517,8 +591,11 @@ impl Server {
                     if let Some(loss) = metric("train_loss") {
                         losses.push((loss, update.num_examples as f64));
                     }
-                    let estimate = metric("memory_estimate_bytes").unwrap_or(0.0);
-                    memory = memory.max(estimate.clamp(0.0, u64::MAX as f64) as u64);
+                    let bytes = |value: f64| value.clamp(0.0, u64::MAX as f64) as u64;
+                    memory = memory.max(bytes(metric("memory_estimate_bytes").unwrap_or(0.0)));
+                    if let Some(peak) = metric("peak_rss_bytes") {
+                        peak_rss = peak_rss.max(Some(bytes(peak)));
+                    }
                     updates.push(update);
                 }
                 Err(reason) => {
@@ -580,6 +657,7 @@ impl Server {
             capacity: stage.capacity,
             round: pending.round,
             clients_sampled: pending.sampled.clone(),
+            clients_excluded: pending.excluded.clone(),
             clients_failed: failed,
             train_loss: (weight > 0.0)
                 .then(|| losses.iter().map(|(l, w)| l * w).sum::<f64>() / weight),
@@ -590,6 +668,7 @@ impl Server {
             wall_seconds: 0.0,
             eval_seconds: 0.0,
             memory_bytes: memory,
+            peak_rss_bytes: peak_rss,
             aggregated,
             aggregation_error,
             schedule: None,
@@ -916,6 +995,14 @@ impl Server {
             Some(global) => global,
             None => model.submodel().lora_params(),
         };
+        let local = &self.config.local;
+        let batch_tokens = local.batch_size * self.config.max_example_tokens;
+        let memory_estimate = training_memory_estimate(
+            model.submodel(),
+            global.num_values(),
+            batch_tokens,
+            batch_tokens,
+        );
         let setup_bytes = setup.to_bytes()?;
         let setup_size = WireSize {
             payload: 4 * setup.num_values() as u64,
@@ -928,6 +1015,7 @@ impl Server {
             model,
             global,
             synced: self.state.synced.clone(),
+            memory_estimate,
         })
     }
 

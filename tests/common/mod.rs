@@ -104,3 +104,48 @@ pub fn tiny_config(
         .with_clients_per_round(3)
         .with_seed(seed)
 }
+
+/// Metrics without what no two runs share: wall-clock times, measured memory, and the
+/// whole size of the replies, whose headers carry the measured memory
+/// ([`assert_same_traffic`] compares those per reply).
+pub fn timeless(metrics: &[devft::federated::RoundMetrics]) -> Vec<devft::federated::RoundMetrics> {
+    metrics
+        .iter()
+        .cloned()
+        .map(|m| devft::federated::RoundMetrics {
+            wall_seconds: 0.0,
+            eval_seconds: 0.0,
+            peak_rss_bytes: None,
+            bytes_up: devft::federated::WireSize {
+                total: 0,
+                ..m.bytes_up
+            },
+            ..m
+        })
+        .collect()
+}
+
+/// Asserts two ledgers record the same traffic. A reply's size carries the client's measured
+/// peak memory in its header, which no two runs share: its whole-message size may differ by
+/// the digits of that number; everything else must be equal.
+pub fn assert_same_traffic(a: &devft::federated::Ledger, b: &devft::federated::Ledger) {
+    assert_eq!(a.entries.len(), b.entries.len(), "ledger entries");
+    for (x, y) in a.entries.iter().zip(&b.entries) {
+        let same_but_reply_header = devft::federated::LedgerEntry {
+            up: devft::federated::WireSize {
+                total: y.up.total,
+                ..x.up
+            },
+            ..*x
+        };
+        assert_eq!(same_but_reply_header, *y);
+        assert!(
+            x.up.total.abs_diff(y.up.total) <= 24,
+            "round {} client {}: replies of {} and {} bytes",
+            x.round,
+            x.client,
+            x.up.total,
+            y.up.total
+        );
+    }
+}

@@ -214,6 +214,15 @@ impl PyServer {
         })
     }
 
+    /// Records the training memory `client` declared, in bytes (`None`: no limit): from the
+    /// next round on it is sampled only in stages whose memory estimate fits, and the round's
+    /// metrics list it under `clients_excluded` otherwise.
+    #[pyo3(signature = (client, budget_bytes))]
+    fn declare_memory_budget(&self, client: usize, budget_bytes: Option<u64>) -> PyResult<()> {
+        let mut state = lock(&self.state)?;
+        guarded(|| state.server.declare_memory_budget(client, budget_bytes))
+    }
+
     /// Whether every stage is done.
     fn is_finished(&self) -> PyResult<bool> {
         Ok(lock(&self.state)?.server.is_finished())

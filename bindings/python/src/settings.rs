@@ -236,7 +236,8 @@ impl Settings {
             .with_seed(self.parse("seed")?)
             .with_eval_batch_size(self.parse("eval-batch-size")?)
             .with_stateless_clients(self.parse("stateless-clients")?)
-            .with_max_update_norm_factor(self.parse("max-update-norm-factor")?))
+            .with_max_update_norm_factor(self.parse("max-update-norm-factor")?)
+            .with_max_example_tokens(self.parse("max-len")?))
     }
 
     /// The stage plan, grouping and fusion: `schedule` is `devft` (capacities doubling from
