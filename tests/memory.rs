@@ -7,29 +7,8 @@ use burn::module::Module;
 use common::*;
 use devft::aggregate::FedAvg;
 use devft::federated::{
-    FederatedConfig, FederatedRun, RunOutcome, Server, Strategy, training_memory_estimate,
+    FederatedConfig, FederatedRun, RunOutcome, Server, training_memory_estimate,
 };
-use devft::fusion::DifferentialFuser;
-use devft::grouping::SpectralGrouper;
-use devft::schedule::{ExplicitScheduler, Stage};
-
-/// Two fused layers for three rounds, then the full model (8 layers) for two.
-fn two_stages() -> Strategy {
-    Strategy {
-        scheduler: Box::new(ExplicitScheduler::stages(&[
-            Stage {
-                capacity: 2,
-                rounds: 3,
-            },
-            Stage {
-                capacity: 8,
-                rounds: 2,
-            },
-        ])),
-        grouper: Box::new(SpectralGrouper::new()),
-        fuser: Box::new(DifferentialFuser::default()),
-    }
-}
 
 fn config() -> FederatedConfig {
     tiny_config(5, 1, 4).with_max_example_tokens(64)
@@ -40,7 +19,7 @@ fn first_stage_estimate() -> u64 {
     let (clients, _) = tiny_federated_data();
     let mut server = Server::new(
         config(),
-        two_stages(),
+        tiny_two_stages(),
         Box::new(FedAvg),
         tiny_lora_model(),
         clients.len(),
@@ -64,7 +43,7 @@ fn full_model_estimate() -> u64 {
 
 fn run_with_budgets(budgets: Vec<Option<u64>>) -> devft::Result<RunOutcome> {
     let (clients, eval) = tiny_federated_data();
-    let mut run = FederatedRun::new(config(), two_stages(), Box::new(FedAvg), clients, eval)?
+    let mut run = FederatedRun::new(config(), tiny_two_stages(), Box::new(FedAvg), clients, eval)?
         .with_memory_budgets(budgets)?;
     run.run(tiny_lora_model(), &device().autodiff())
 }
@@ -147,11 +126,12 @@ fn a_stage_no_client_can_hold_is_a_clear_error() {
 #[test]
 fn budgets_must_name_every_client() {
     let (clients, eval) = tiny_federated_data();
-    let run = FederatedRun::new(config(), two_stages(), Box::new(FedAvg), clients, eval).unwrap();
+    let run =
+        FederatedRun::new(config(), tiny_two_stages(), Box::new(FedAvg), clients, eval).unwrap();
     assert!(run.with_memory_budgets(vec![None; 5]).is_err());
     let mut server = Server::new(
         config(),
-        two_stages(),
+        tiny_two_stages(),
         Box::new(FedAvg),
         tiny_lora_model(),
         6,

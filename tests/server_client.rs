@@ -16,9 +16,7 @@ use devft::federated::{
     Strategy, adapter_sha256, compact_start, evaluate_loss,
 };
 use devft::fusion::{DifferentialFuser, MeanFuser};
-use devft::grouping::SpectralGrouper;
 use devft::model::{CausalLm, LoraConfig};
-use devft::schedule::{ExplicitScheduler, Stage};
 use devft::transfer::{build_submodel, transfer_merge, transfer_merged_weights};
 use devft::{HostTensor, ParamMap};
 
@@ -31,23 +29,8 @@ fn config(rounds: usize) -> FederatedConfig {
     tiny_config(rounds, 2, 4)
 }
 
-/// Three rounds on two fused layers, then two on the full model: with three of six clients
-/// per round, some clients miss rounds of the first stage.
 fn strategy() -> Strategy {
-    Strategy {
-        scheduler: Box::new(ExplicitScheduler::stages(&[
-            Stage {
-                capacity: 2,
-                rounds: 3,
-            },
-            Stage {
-                capacity: 8,
-                rounds: 2,
-            },
-        ])),
-        grouper: Box::new(SpectralGrouper::new()),
-        fuser: Box::new(DifferentialFuser::default()),
-    }
+    tiny_two_stages()
 }
 
 struct Finished {

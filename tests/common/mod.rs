@@ -149,3 +149,25 @@ pub fn assert_same_traffic(a: &devft::federated::Ledger, b: &devft::federated::L
         );
     }
 }
+
+/// The two-stage DevFT strategy the runner tests share on the tiny fixture: three rounds on
+/// two fused layers (spectral grouping, differential fusion), then two on the full model
+/// (8 layers). With three of six clients per round, some clients miss rounds of the first
+/// stage.
+pub fn tiny_two_stages() -> devft::federated::Strategy {
+    use devft::schedule::{ExplicitScheduler, Stage};
+    devft::federated::Strategy {
+        scheduler: Box::new(ExplicitScheduler::stages(&[
+            Stage {
+                capacity: 2,
+                rounds: 3,
+            },
+            Stage {
+                capacity: 8,
+                rounds: 2,
+            },
+        ])),
+        grouper: Box::new(devft::grouping::SpectralGrouper::new()),
+        fuser: Box::new(devft::fusion::DifferentialFuser::default()),
+    }
+}
