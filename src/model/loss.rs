@@ -6,6 +6,7 @@ use burn::tensor::{Int, Tensor};
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
+use crate::model::cross_entropy::cross_entropy_rows;
 
 /// Mean next-token cross-entropy of `logits` against `input_ids` shifted by one.
 ///
@@ -30,18 +31,18 @@ pub fn next_token_loss(
 ) -> Tensor<1> {
     let [batch, seq, _] = logits.dims();
     assert!(seq >= 2, "next-token loss needs at least two positions");
-    let predictions = logits.narrow(1, 0, seq - 1);
-    let targets = input_ids.narrow(1, 1, seq - 1);
-    let log_probs = log_softmax(predictions, 2);
-    let picked = log_probs
-        .gather(2, targets.reshape([batch, seq - 1, 1]))
-        .reshape([batch, seq - 1]);
+    let vocab = logits.dims()[2];
+    let predictions = logits
+        .narrow(1, 0, seq - 1)
+        .reshape([batch * (seq - 1), vocab]);
+    let targets = input_ids.narrow(1, 1, seq - 1).reshape([batch * (seq - 1)]);
+    let losses = row_losses(predictions, targets).reshape([batch, seq - 1]);
     match weights {
-        None => picked.mean().neg(),
+        None => losses.mean(),
         Some(weights) => {
             let weights = weights.narrow(1, 1, seq - 1);
             let total = weights.clone().sum();
-            (picked * weights).sum().neg() / total
+            (losses * weights).sum() / total
         }
     }
 }
@@ -66,10 +67,19 @@ pub fn target_token_loss(model: &CausalLm, batch: &Batch) -> Result<Tensor<1>> {
     let rows = hidden
         .reshape([b * s, h])
         .select(0, batch.predicting_rows.clone());
-    let log_probs = log_softmax(model.logits_from_hidden(rows), 1);
-    let picked = log_probs.gather(
-        1,
-        batch.predicted_ids.clone().reshape([batch.num_targets, 1]),
-    );
-    Ok(picked.mean().neg())
+    let losses = row_losses(model.logits_from_hidden(rows), batch.predicted_ids.clone());
+    Ok(losses.mean())
+}
+
+/// Cross-entropy of each row of `logits` (`[n, vocab]`) against its target (`[n]`): fused
+/// on the flex backend ([`cross_entropy_rows`]), else `-log_softmax` gathered at the target.
+fn row_losses(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    if let Some(losses) = cross_entropy_rows(&logits, &targets) {
+        return losses;
+    }
+    let n = targets.dims()[0];
+    log_softmax(logits, 1)
+        .gather(1, targets.reshape([n, 1]))
+        .reshape([n])
+        .neg()
 }

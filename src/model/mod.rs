@@ -9,6 +9,7 @@ mod attention;
 mod causal_lm;
 mod checkpoint;
 mod config;
+mod cross_entropy;
 mod decoder;
 mod generate;
 pub mod gguf;

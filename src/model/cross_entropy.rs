@@ -1,0 +1,222 @@
+//! Fused cross-entropy of logit rows against target ids on burn's CPU backend (flex):
+//! `logsumexp(row) - row[target]` in one pass over each row, and the gradient
+//! `softmax(row) - onehot(target)` (times the upstream gradient) in one more, rows in
+//! parallel, without materialising the softmax or log-probabilities. A custom op with a
+//! hand-written backward through burn's backend extension (`docs/custom-ops.md`).
+
+use burn::tensor::{Int, Tensor};
+
+/// Per-row cross-entropy `logsumexp(logits[i]) - logits[i, targets[i]]`, `[n]`, for
+/// `logits` `[n, vocab]`, fused on the flex backend (with or without autodiff). `None` on
+/// other backends, for non-`f32` logits and for targets outside the vocabulary: the caller
+/// computes it with burn's own ops.
+pub(crate) fn cross_entropy_rows(
+    logits: &Tensor<2>,
+    targets: &Tensor<1, Int>,
+) -> Option<Tensor<1>> {
+    #[cfg(feature = "flex")]
+    {
+        flex::cross_entropy_rows(logits, targets)
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (logits, targets);
+        None
+    }
+}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use std::sync::Arc;
+
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+    use burn::backend::tensor::FloatTensor;
+    use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+    use burn::tensor::{DType, Int, Shape, Tensor, TensorData};
+    use rayon::prelude::*;
+
+    /// Target ids on the host, one per logit row.
+    #[derive(Clone, Debug)]
+    pub struct TargetIds(Arc<[u32]>);
+
+    #[backend_extension(Flex, Autodiff)]
+    pub trait CrossEntropyOps: Backend {
+        /// `[n]` per-row cross-entropy of `logits` `[n, vocab]` against `targets`.
+        fn cross_entropy_rows(logits: FloatTensor<Self>, targets: TargetIds) -> FloatTensor<Self>;
+    }
+
+    pub(super) fn cross_entropy_rows(
+        logits: &Tensor<2>,
+        targets: &Tensor<1, Int>,
+    ) -> Option<Tensor<1>> {
+        // Other backends' variants exist only with their features.
+        #[allow(unreachable_patterns)]
+        let on_flex = match logits.device().as_dispatch() {
+            DispatchDevice::Flex(_) => true,
+            DispatchDevice::Autodiff(device) => {
+                matches!(device.clone().inner(), DispatchDevice::Flex(_))
+            }
+            _ => false,
+        };
+        let [rows, vocab] = logits.dims();
+        if !on_flex || logits.dtype() != DType::F32 || targets.dims()[0] != rows {
+            return None;
+        }
+        let ids: Vec<u32> = targets
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .ok()?
+            .into_iter()
+            .map(|t| u32::try_from(t).ok().filter(|&t| (t as usize) < vocab))
+            .collect::<Option<_>>()?;
+        let targets = TargetIds(ids.into());
+        Some(Tensor::from_dispatch(
+            <Dispatch as CrossEntropyOps>::cross_entropy_rows(
+                logits.clone().into_dispatch(),
+                targets,
+            ),
+        ))
+    }
+
+    /// Contiguous `f32` values of a flex tensor `[n, vocab]`.
+    fn contiguous(logits: &FloatTensor<Flex>) -> FloatTensor<Flex> {
+        logits.to_contiguous()
+    }
+
+    /// Per row: `(logsumexp, logsumexp - row[target])`.
+    fn forward(logits: &FloatTensor<Flex>, targets: &TargetIds) -> (Vec<f32>, Vec<f32>) {
+        let logits = contiguous(logits);
+        let values = logits.as_slice::<f32>().expect("contiguous f32 logits");
+        let vocab = values.len() / targets.0.len().max(1);
+        values
+            .par_chunks(vocab.max(1))
+            .zip(targets.0.par_iter())
+            .map(|(row, &target)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+                let lse = max + sum.ln();
+                (lse, lse - row[target as usize])
+            })
+            .unzip()
+    }
+
+    fn tensor(values: Vec<f32>, shape: impl Into<Shape>) -> FloatTensor<Flex> {
+        FloatTensor::<Flex>::from_data(TensorData::new(values, shape.into()))
+    }
+
+    impl CrossEntropyOps for Flex {
+        fn cross_entropy_rows(logits: FloatTensor<Self>, targets: TargetIds) -> FloatTensor<Self> {
+            let n = targets.0.len();
+            tensor(forward(&logits, &targets).1, [n])
+        }
+    }
+
+    /// What the backward keeps: the logits, each row's logsumexp and the targets.
+    #[derive(Debug)]
+    struct CrossEntropyBackward;
+
+    impl Backward<Flex, 1> for CrossEntropyBackward {
+        type State = (FloatTensor<Flex>, Arc<[f32]>, TargetIds);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let (logits, lse, targets) = ops.state;
+            unary::<Flex, _>(ops.parents, ops.node, grads, |upstream| {
+                let upstream = contiguous(&upstream);
+                let upstream = upstream.as_slice::<f32>().expect("contiguous f32 gradient");
+                let logits = contiguous(&logits);
+                let values = logits.as_slice::<f32>().expect("contiguous f32 logits");
+                let n = targets.0.len();
+                let vocab = values.len() / n.max(1);
+                let mut grad = vec![0.0f32; values.len()];
+                grad.par_chunks_mut(vocab.max(1))
+                    .zip(values.par_chunks(vocab.max(1)))
+                    .enumerate()
+                    .for_each(|(i, (out, row))| {
+                        let (lse, dy) = (lse[i], upstream[i]);
+                        for (g, &x) in out.iter_mut().zip(row) {
+                            *g = (x - lse).exp() * dy;
+                        }
+                        out[targets.0[i] as usize] -= dy;
+                    });
+                tensor(grad, [n, vocab])
+            });
+        }
+    }
+
+    impl<C: CheckpointStrategy> CrossEntropyOps for Autodiff<Flex, C> {
+        fn cross_entropy_rows(logits: FloatTensor<Self>, targets: TargetIds) -> FloatTensor<Self> {
+            let guard = logits.node();
+            let logits = logits.into_primitive();
+            let (lse, loss) = forward(&logits, &targets);
+            let loss = tensor(loss, [targets.0.len()]);
+            match CrossEntropyBackward
+                .prepare::<C>([guard])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish((logits, lse.into(), targets), loss),
+                OpsKind::UnTracked(prep) => prep.finish(loss),
+            }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use burn::tensor::activation::log_softmax;
+    use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+
+    use super::cross_entropy_rows;
+
+    /// `-log_softmax(logits)[target]` per row, with burn's own ops.
+    fn reference(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+        let n = targets.dims()[0];
+        log_softmax(logits, 1)
+            .gather(1, targets.reshape([n, 1]))
+            .reshape([n])
+            .neg()
+    }
+
+    fn max_diff(a: Tensor<1>, b: Tensor<1>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn fused_rows_and_gradient_equal_log_softmax() {
+        let device = Device::flex().autodiff();
+        let logits = Tensor::<2>::random([6, 37], Distribution::Normal(0.0, 3.0), &device);
+        let targets =
+            Tensor::<1, Int>::from_data(TensorData::from([3i64, 0, 36, 7, 7, 20]), &device);
+        let weights = Tensor::<1>::random([6], Distribution::Uniform(0.5, 2.0), &device);
+
+        let x = logits.clone().require_grad();
+        let fused = cross_entropy_rows(&x, &targets).expect("flex runs the fused op");
+        let grads = (fused.clone() * weights.clone()).sum().backward();
+        let fused_grad = x.grad(&grads).unwrap();
+
+        let y = logits.require_grad();
+        let expected = reference(y.clone(), targets);
+        let grads = (expected.clone() * weights).sum().backward();
+        let expected_grad = y.grad(&grads).unwrap();
+
+        assert!(max_diff(fused.inner(), expected.inner()) < 1e-5);
+        let grad_diff: f32 = (fused_grad - expected_grad).abs().max().into_scalar();
+        assert!(grad_diff < 1e-6, "{grad_diff}");
+    }
+
+    #[test]
+    fn without_autodiff_and_with_bad_targets() {
+        let device = Device::flex();
+        let logits = Tensor::<2>::random([3, 11], Distribution::Normal(0.0, 1.0), &device);
+        let targets = Tensor::<1, Int>::from_data(TensorData::from([1i64, 10, 4]), &device);
+        let fused = cross_entropy_rows(&logits, &targets).unwrap();
+        assert!(max_diff(fused, reference(logits.clone(), targets)) < 1e-5);
+        let outside = Tensor::<1, Int>::from_data(TensorData::from([1i64, 11, 4]), &device);
+        assert!(cross_entropy_rows(&logits, &outside).is_none());
+    }
+}
