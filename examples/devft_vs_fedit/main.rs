@@ -35,6 +35,7 @@ use devft::aggregate::by_name;
 use devft::data::{TokenizedExample, partition_dirichlet};
 use devft::federated::{
     FederatedConfig, FederatedRun, LocalTrainingConfig, Strategy, evaluate_loss,
+    parse_memory_budgets,
 };
 use devft::fusion::DifferentialFuser;
 use devft::grouping::SpectralGrouper;
@@ -135,8 +136,8 @@ struct Args {
     /// every client), e.g. `350M,350M,1G,...`: bytes with an optional K, M or G (powers of
     /// 1024), or `none` for no limit. A client is sampled only in stages whose memory
     /// estimate fits its budget; the tables say who was left out. [default: no limits]
-    #[arg(long, value_delimiter = ',')]
-    client_memory: Vec<String>,
+    #[arg(long, default_value = "")]
+    client_memory: String,
     /// Run both methods for this many seeds (`--seed`, `--seed` + 1, ...): each seed's
     /// results go to `OUT/seed-S/`, `OUT/summary.md` gives every number's mean and
     /// spread, and `OUT/loss_vs_*.png` every seed's curves.
@@ -264,7 +265,7 @@ fn run_seed(
         .with_eval_every(args.eval_every)
         .with_max_example_tokens(args.seq_len)
         .with_seed(seed);
-    let budgets = memory_budgets(&args.client_memory, args.clients)?;
+    let budgets = parse_memory_budgets(&args.client_memory, args.clients)?;
     let scheduler: Box<dyn StageScheduler> = match args.schedule.as_str() {
         "geometric" => Box::new(GeometricScheduler::new(
             args.first_stage_of(num_layers),
@@ -354,46 +355,6 @@ fn split_by_topic(
         .collect())
 }
 
-/// `--client-memory`: one budget per client (or one for all; none given: no limits).
-fn memory_budgets(values: &[String], clients: usize) -> Result<Vec<Option<u64>>, Box<dyn Error>> {
-    let parse = |value: &String| -> Result<Option<u64>, Box<dyn Error>> {
-        let value = value.trim();
-        if value.eq_ignore_ascii_case("none") {
-            return Ok(None);
-        }
-        let (digits, unit) = match value.char_indices().last() {
-            Some((i, c)) if c.is_ascii_alphabetic() => (&value[..i], c.to_ascii_uppercase()),
-            _ => (value, 'B'),
-        };
-        let shift = match unit {
-            'B' => 0,
-            'K' => 10,
-            'M' => 20,
-            'G' => 30,
-            _ => {
-                return Err(format!("--client-memory: unknown unit in `{value}` (K, M, G)").into());
-            }
-        };
-        let number: f64 = digits
-            .parse()
-            .map_err(|_| format!("--client-memory: `{value}` is not a size like 350M or 2G"))?;
-        if !(number.is_finite() && number > 0.0) {
-            return Err(format!("--client-memory: `{value}` must be a positive size").into());
-        }
-        Ok(Some((number * f64::from(1u32 << shift)) as u64))
-    };
-    let budgets = values.iter().map(parse).collect::<Result<Vec<_>, _>>()?;
-    match budgets.len() {
-        0 => Ok(vec![None; clients]),
-        1 => Ok(vec![budgets[0]; clients]),
-        n if n == clients => Ok(budgets),
-        n => Err(format!(
-            "--client-memory lists {n} budgets for {clients} clients (give 1 or {clients})"
-        )
-        .into()),
-    }
-}
-
 fn remove_if_present(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
         Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
@@ -437,7 +398,7 @@ fn args_line(args: &Args, seed: u64) -> String {
         if args.client_memory.is_empty() {
             String::new()
         } else {
-            format!(" --client-memory {}", args.client_memory.join(","))
+            format!(" --client-memory {}", args.client_memory)
         }
     )
 }

@@ -4,6 +4,7 @@
 
 use burn::module::Module;
 
+use crate::error::{Error, Result};
 use crate::model::CausalLm;
 
 /// Training memory of one client in bytes of `f32`, counted from shapes: the model's
@@ -65,6 +66,72 @@ pub fn measure_peak_rss<T>(work: impl FnOnce() -> T) -> (T, Option<u64>) {
     let result = work();
     let peak = if reset { peak_rss() } else { None };
     (result, peak)
+}
+
+/// Memory budgets from a comma-separated list, in client order: each entry a size in bytes
+/// with an optional `K`, `M` or `G` (powers of 1024; `640M`, `1.5G`, `1048576`), or `none` for
+/// no limit. One entry applies to every client; an empty list means no limits.
+///
+/// ```
+/// use devft::federated::parse_memory_budgets;
+///
+/// let budgets = parse_memory_budgets("640M, none, 1.5G", 3)?;
+/// assert_eq!(budgets, vec![Some(640 << 20), None, Some(3 << 29)]);
+/// assert_eq!(parse_memory_budgets("2G", 2)?, vec![Some(2 << 30); 2]);
+/// assert_eq!(parse_memory_budgets("", 2)?, vec![None; 2]);
+/// assert!(parse_memory_budgets("640M,640M", 3).is_err());
+/// # Ok::<(), devft::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] for an entry that is not a positive size, an unknown unit, or a
+/// count of entries other than 1 or `clients`.
+pub fn parse_memory_budgets(list: &str, clients: usize) -> Result<Vec<Option<u64>>> {
+    let budgets = list
+        .split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(parse_memory_size)
+        .collect::<Result<Vec<_>>>()?;
+    match budgets.len() {
+        0 => Ok(vec![None; clients]),
+        1 => Ok(vec![budgets[0]; clients]),
+        n if n == clients => Ok(budgets),
+        n => Err(Error::InvalidArgument(format!(
+            "{n} memory budgets for {clients} clients (give 1 or {clients})"
+        ))),
+    }
+}
+
+/// One entry of [`parse_memory_budgets`].
+fn parse_memory_size(entry: &str) -> Result<Option<u64>> {
+    if entry.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let invalid = || {
+        Error::InvalidArgument(format!(
+            "memory budget `{entry}` is not a size like 640M, 2G or none"
+        ))
+    };
+    let (digits, shift) = match entry.char_indices().last() {
+        Some((i, unit)) if unit.is_ascii_alphabetic() => {
+            let shift = match unit.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                _ => return Err(invalid()),
+            };
+            (&entry[..i], shift)
+        }
+        _ => (entry, 0),
+    };
+    let number: f64 = digits.trim().parse().map_err(|_| invalid())?;
+    let bytes = number * f64::from(1u32 << shift);
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(invalid());
+    }
+    Ok(Some(bytes as u64))
 }
 
 #[cfg(target_os = "linux")]

@@ -30,7 +30,7 @@ pub use client::Client;
 pub use evaluate::evaluate_loss;
 pub use faults::{Fault, FaultInjector, RandomFailures};
 pub use local::{LocalOutcome, LocalTrainingConfig, train_local};
-pub use memory::{measure_peak_rss, training_memory_estimate};
+pub use memory::{measure_peak_rss, parse_memory_budgets, training_memory_estimate};
 pub use metrics::{Ledger, LedgerEntry, RoundMetrics, WireSize};
 pub use runner::{FederatedRun, RunOutcome};
 pub use server::{ClientTask, Evaluation, PersonalState, RoundTasks, Server};

@@ -195,13 +195,16 @@ impl PyServer {
                         aggregator.name()
                     )));
                 }
-                let server = Server::new(
+                let mut server = Server::new(
                     settings.federated_config()?,
                     settings.strategy()?,
                     aggregator,
                     settings.model(&device)?,
                     clients.len(),
                 )?;
+                for (client, budget) in settings.memory_budgets()?.into_iter().enumerate() {
+                    server.declare_memory_budget(client, budget)?;
+                }
                 Ok(Box::new(ServerState {
                     server,
                     settings,
@@ -532,6 +535,7 @@ fn run_in_process<'py>(
                 clients,
                 eval,
             )?
+            .with_memory_budgets(settings.memory_budgets()?)?
             .run(settings.model(&device)?, &train_device)
         })
     })?;

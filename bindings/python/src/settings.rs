@@ -11,7 +11,7 @@ use devft::data::{
     ByteEncoder, TextEncoder, TokenizedExample, load_alpaca, partition_dirichlet, partition_iid,
     tokenize_examples,
 };
-use devft::federated::{FederatedConfig, LocalTrainingConfig, Strategy};
+use devft::federated::{FederatedConfig, LocalTrainingConfig, Strategy, parse_memory_budgets};
 use devft::fusion::{DifferentialFuser, FuserKind};
 use devft::grouping::GrouperKind;
 use devft::model::{CausalLm, LoraConfig};
@@ -33,7 +33,7 @@ pub enum Value {
 }
 
 /// Every key [`Settings`] reads, with its default (`None`: required).
-pub const KEYS: [(&str, Option<&str>); 24] = [
+pub const KEYS: [(&str, Option<&str>); 25] = [
     ("model", None),
     ("data", None),
     ("tokenizer", Some("bytes")),
@@ -58,6 +58,7 @@ pub const KEYS: [(&str, Option<&str>); 24] = [
     ("eval-batch-size", Some("8")),
     ("stateless-clients", Some("false")),
     ("max-update-norm-factor", Some("10")),
+    ("client-memory", Some("none")),
 ];
 
 /// The parsed settings of a run.
@@ -238,6 +239,17 @@ impl Settings {
             .with_stateless_clients(self.parse("stateless-clients")?)
             .with_max_update_norm_factor(self.parse("max-update-norm-factor")?)
             .with_max_example_tokens(self.parse("max-len")?))
+    }
+
+    /// Each partition's declared training memory: `client-memory`, a comma-separated list
+    /// (one entry for all) of sizes like `640M` or `none`
+    /// ([`devft::federated::parse_memory_budgets`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a list that does not parse or fit the partitions.
+    pub fn memory_budgets(&self) -> Result<Vec<Option<u64>>> {
+        parse_memory_budgets(&self.text("client-memory"), self.num_partitions()?)
     }
 
     /// The stage plan, grouping and fusion: `schedule` is `devft` (capacities doubling from

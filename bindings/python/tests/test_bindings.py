@@ -112,6 +112,18 @@ class Bindings(unittest.TestCase):
         self.assertEqual([c for c, _ in metrics["clients_excluded"]], [0])
         self.assertIn("memory budget", metrics["clients_excluded"][0][1])
 
+    def test_budgets_from_the_settings_leave_the_small_client_out(self):
+        settings = {**SETTINGS, "client-memory": "1K, none, none"}
+        server = drive(settings)
+        expected = devft_py.run_in_process(settings)
+        assert_same_traffic(self, json.loads(server.ledger_json()), json.loads(expected["ledger"]))
+        for metrics in json.loads(server.metrics_json()):
+            self.assertEqual([c for c, _ in metrics["clients_excluded"]], [0])
+            self.assertNotIn(0, metrics["clients_sampled"])
+        for bad in ("1K,2K", "lots"):
+            with self.assertRaises(devft_py.InvalidArgumentError):
+                devft_py.Server({**SETTINGS, "client-memory": bad})
+
     def test_bad_replies_are_failed_clients(self):
         def corrupt(round, client, reply):
             if round != 1:
