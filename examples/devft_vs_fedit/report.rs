@@ -374,7 +374,12 @@ fn spread(values: impl Iterator<Item = Option<f64>>, total: usize) -> String {
     } else {
         0.0
     };
-    let digits = if mean.abs() < 20.0 { 4 } else { 1 };
+    // Counts (clients that trained) with one decimal, as large quantities.
+    let digits = if mean.abs() < 20.0 && values.iter().any(|v| v.fract() != 0.0) {
+        4
+    } else {
+        1
+    };
     let counted = if values.len() < total {
         format!(" ({} of {total})", values.len())
     } else {
