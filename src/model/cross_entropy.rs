@@ -83,15 +83,13 @@ mod flex {
         ))
     }
 
-    /// Contiguous `f32` values of a flex tensor `[n, vocab]`.
-    fn contiguous(logits: &FloatTensor<Flex>) -> FloatTensor<Flex> {
-        logits.to_contiguous()
+    /// The values of a contiguous `f32` flex tensor.
+    fn values(tensor: &FloatTensor<Flex>) -> &[f32] {
+        tensor.as_slice::<f32>().expect("a contiguous f32 tensor")
     }
 
-    /// Per row: `(logsumexp, logsumexp - row[target])`.
-    fn forward(logits: &FloatTensor<Flex>, targets: &TargetIds) -> (Vec<f32>, Vec<f32>) {
-        let logits = contiguous(logits);
-        let values = logits.as_slice::<f32>().expect("contiguous f32 logits");
+    /// Per row of the row-major `logits`: `(logsumexp, logsumexp - row[target])`.
+    fn forward(values: &[f32], targets: &TargetIds) -> (Vec<f32>, Vec<f32>) {
         let vocab = values.len() / targets.0.len().max(1);
         values
             .par_chunks(vocab.max(1))
@@ -112,11 +110,11 @@ mod flex {
     impl CrossEntropyOps for Flex {
         fn cross_entropy_rows(logits: FloatTensor<Self>, targets: TargetIds) -> FloatTensor<Self> {
             let n = targets.0.len();
-            tensor(forward(&logits, &targets).1, [n])
+            tensor(forward(values(&logits.to_contiguous()), &targets).1, [n])
         }
     }
 
-    /// What the backward keeps: the logits, each row's logsumexp and the targets.
+    /// What the backward keeps: the logits (contiguous), each row's logsumexp and the targets.
     #[derive(Debug)]
     struct CrossEntropyBackward;
 
@@ -126,15 +124,14 @@ mod flex {
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
             let (logits, lse, targets) = ops.state;
             unary::<Flex, _>(ops.parents, ops.node, grads, |upstream| {
-                let upstream = contiguous(&upstream);
-                let upstream = upstream.as_slice::<f32>().expect("contiguous f32 gradient");
-                let logits = contiguous(&logits);
-                let values = logits.as_slice::<f32>().expect("contiguous f32 logits");
+                let upstream = upstream.to_contiguous();
+                let upstream = values(&upstream);
+                let rows = values(&logits);
                 let n = targets.0.len();
-                let vocab = values.len() / n.max(1);
-                let mut grad = vec![0.0f32; values.len()];
+                let vocab = rows.len() / n.max(1);
+                let mut grad = vec![0.0f32; rows.len()];
                 grad.par_chunks_mut(vocab.max(1))
-                    .zip(values.par_chunks(vocab.max(1)))
+                    .zip(rows.par_chunks(vocab.max(1)))
                     .enumerate()
                     .for_each(|(i, (out, row))| {
                         let (lse, dy) = (lse[i], upstream[i]);
@@ -151,8 +148,9 @@ mod flex {
     impl<C: CheckpointStrategy> CrossEntropyOps for Autodiff<Flex, C> {
         fn cross_entropy_rows(logits: FloatTensor<Self>, targets: TargetIds) -> FloatTensor<Self> {
             let guard = logits.node();
-            let logits = logits.into_primitive();
-            let (lse, loss) = forward(&logits, &targets);
+            // Made contiguous once: the forward reads it and the backward keeps it.
+            let logits = logits.into_primitive().to_contiguous();
+            let (lse, loss) = forward(values(&logits), &targets);
             let loss = tensor(loss, [targets.0.len()]);
             match CrossEntropyBackward
                 .prepare::<C>([guard])
