@@ -66,13 +66,7 @@ fn a_federated_devft_run_matches_the_cpu_backend() {
     );
     assert_eq!(a.names().collect::<Vec<_>>(), c.names().collect::<Vec<_>>());
     for (name, tensor) in a.iter() {
-        let expected: Vec<f64> = c
-            .get(name)
-            .unwrap()
-            .values()
-            .iter()
-            .map(|&v| f64::from(v))
-            .collect();
+        let expected = f64_values(c.get(name).unwrap());
         let scale = expected
             .iter()
             .fold(0.0f64, |m, v| m.max(v.abs()))

@@ -121,7 +121,7 @@ fn fused_tensors_match_for_k2() {
                 .map(|&v| v as usize)
                 .collect();
             assert_eq!(tensor.shape(), shape.as_slice(), "{name}");
-            let values: Vec<f64> = tensor.values().iter().map(|&v| f64::from(v)).collect();
+            let values = f64_values(tensor);
             let sum: f64 = values.iter().sum();
             let l2 = values.iter().map(|v| v * v).sum::<f64>().sqrt();
             let (exp_sum, exp_l2) = (
@@ -149,13 +149,7 @@ fn fused_tensors_match_for_k2() {
         "self_attn.q_proj.lora_A.weight",
         "self_attn.q_proj.lora_B.weight",
     ] {
-        let ours: Vec<f64> = fused
-            .get(name)
-            .unwrap()
-            .values()
-            .iter()
-            .map(|&v| f64::from(v))
-            .collect();
+        let ours = f64_values(fused.get(name).unwrap());
         assert_close(name, &ours, &flat_f64(&full[name]), 1e-5);
     }
 }

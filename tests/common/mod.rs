@@ -35,6 +35,11 @@ pub fn ids(value: &serde_json::Value) -> Vec<u32> {
     flat_f64(value).into_iter().map(|v| v as u32).collect()
 }
 
+/// A host tensor's values as `f64`.
+pub fn f64_values(tensor: &devft::HostTensor) -> Vec<f64> {
+    tensor.values().iter().map(|&v| f64::from(v)).collect()
+}
+
 /// The largest absolute difference.
 pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
