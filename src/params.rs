@@ -434,6 +434,19 @@ pub trait TensorSource {
     ///
     /// [`Error::MissingTensor`] when absent; source-specific decoding errors otherwise.
     fn load_tensor(&self, name: &str) -> Result<HostTensor>;
+
+    /// The matrix called `name` in the quantised blocks it is stored in, when the source keeps
+    /// it that way (a GGUF source opened with [`crate::model::gguf::BaseWeights::Quantised`]);
+    /// `None` makes the loader decode it with [`TensorSource::load_tensor`]. The loader asks
+    /// only for projection weights, the token embedding and the LM head. Default: `None`.
+    ///
+    /// # Errors
+    ///
+    /// Source-specific decoding errors.
+    fn load_quantised(&self, name: &str) -> Result<Option<crate::model::QuantisedMatrix>> {
+        let _ = name;
+        Ok(None)
+    }
 }
 
 impl TensorSource for ParamMap {

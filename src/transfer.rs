@@ -8,12 +8,10 @@
 //! change back, and [`transfer_merge`] does the same one merge adapter at a time (what a
 //! remote client can replay from the merges it was sent).
 
-use burn::module::Param;
-
 use crate::error::{Error, Result};
 use crate::fusion::{LayerFuser, fuse_layers};
 use crate::grouping::Grouping;
-use crate::model::{CausalLm, DecoderLayer, Projection};
+use crate::model::{CausalLm, DecoderLayer, FrozenWeight, Projection};
 use crate::params::ParamMap;
 
 fn check_covers(grouping: &Grouping, model: &CausalLm) -> Result<()> {
@@ -112,6 +110,7 @@ pub fn transfer_merged_weights(
     check_submodel(grouping, fused)?;
     check_submodel(grouping, trained)?;
     let mut layers = model.layers.clone();
+    let device = model.device();
     for (g, group) in grouping.groups().iter().enumerate() {
         for p in Projection::ALL {
             let before = fused.layers[g].projection(p);
@@ -126,11 +125,11 @@ pub fn transfer_merged_weights(
                     });
                 }
             }
-            let delta = after.base.weight.val() - before.base.weight.val();
+            let delta = after.weight.to_tensor(&device) - before.weight.to_tensor(&device);
             for &member in group {
                 let linear = layers[member].projection_mut(p);
-                let weight = linear.base.weight.val() + delta.clone();
-                linear.base.weight = Param::from_tensor(weight).set_require_grad(false);
+                let weight = linear.weight.to_tensor(&device) + delta.clone();
+                linear.weight = FrozenWeight::dense(weight);
             }
         }
     }

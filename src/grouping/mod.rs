@@ -164,7 +164,9 @@ impl LayerSource for CausalLm {
                 self.layers.len()
             ))
         })?;
-        let weight = decoder.projection(projection).effective_weight();
+        let weight = decoder
+            .projection(projection)
+            .effective_weight(&self.device());
         Ok(HostTensor::from_tensor(weight.transpose()))
     }
 }

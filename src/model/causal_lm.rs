@@ -1,11 +1,11 @@
 //! The full causal language model: embeddings, decoder layers, final norm and LM head
 //! (transformers' `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm};
-use burn::tensor::module::linear;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -15,7 +15,10 @@ use crate::model::attention::{AttentionContext, LayerCache};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::DecoderConfig;
 use crate::model::decoder::{DecoderLayer, TensorSpec, frozen_norm, layer_tensor_specs};
-use crate::model::lora::LoraConfig;
+use crate::model::frozen::{FrozenWeight, TokenEmbedding};
+use crate::model::gguf::BaseWeights;
+use crate::model::lora::{LoraConfig, Projection};
+use crate::model::quantised::QuantisedMatrix;
 use crate::model::rope::RotaryEmbedding;
 use crate::params::{HostTensor, ParamMap, TensorSource, parse_index};
 
@@ -54,15 +57,16 @@ impl KvCache {
 #[derive(Module, Debug)]
 pub struct CausalLm {
     /// Token embedding, `[vocab, hidden]`.
-    pub embed_tokens: Embedding,
+    pub embed_tokens: TokenEmbedding,
     /// The decoder layers, in order.
     pub layers: Vec<DecoderLayer>,
     /// Final RMSNorm.
     pub norm: RmsNorm,
-    /// LM head weight `[hidden, vocab]`. With tied embeddings it is the embedding's transpose,
-    /// stored once: a matmul against a transposed view costs about 30% more on the CPU
-    /// backends, for every forward and backward pass.
-    pub lm_head: Param<Tensor<2>>,
+    /// LM head weight `[hidden, vocab]`. With tied `f32` embeddings it is the embedding's
+    /// transpose, stored once: a matmul against a transposed view costs about 30% more on the
+    /// CPU backends, for every forward and backward pass. Tied quantised embeddings share
+    /// their blocks with the head.
+    pub lm_head: FrozenWeight,
     #[module(skip)]
     config: DecoderConfig,
     #[module(skip)]
@@ -111,13 +115,29 @@ impl CausalLm {
     /// Any error of [`DecoderConfig::from_hf_file`], [`Checkpoint::open`],
     /// [`CausalLm::from_gguf`] and [`CausalLm::from_source`].
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::load_with(dir, BaseWeights::F32, device)
+    }
+
+    /// [`CausalLm::load`] with the base weights held as `base` says.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`CausalLm::load`], and [`Error::InvalidArgument`] when `base` asks for
+    /// quantised weights from a HuggingFace directory (only GGUF files store blocks).
+    pub fn load_with(dir: impl AsRef<Path>, base: BaseWeights, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         if dir.is_file()
             && dir
                 .extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         {
-            return Self::from_gguf(dir, device);
+            return Self::from_gguf_with(dir, base, device);
+        }
+        if base != BaseWeights::F32 {
+            return Err(Error::InvalidArgument(format!(
+                "{base:?} base weights need a .gguf file; {} is not one",
+                dir.display()
+            )));
         }
         let config = DecoderConfig::from_hf_file(dir.join("config.json"))?;
         let checkpoint = Checkpoint::open(dir)?;
@@ -192,47 +212,95 @@ impl CausalLm {
             }
             Ok(tensor)
         };
-        let embed = load(&top_specs[0])?;
-        let norm = load(&top_specs[1])?;
-        let lm_head = top_specs.get(2).map(load).transpose()?;
+        // A weight the source keeps quantised is checked like a decoded one.
+        let load_quantised = |spec: &TensorSpec| -> Result<Option<QuantisedMatrix>> {
+            let Some(matrix) = source.load_quantised(&spec.name)? else {
+                return Ok(None);
+            };
+            if matrix.shape().as_slice() != spec.shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    found: matrix.shape().to_vec(),
+                });
+            }
+            if !matrix.is_finite() {
+                return Err(Error::NonFinite {
+                    name: spec.name.clone(),
+                });
+            }
+            Ok(Some(matrix))
+        };
+        let (embed, tied_head) = match load_quantised(&top_specs[0])? {
+            Some(matrix) => (
+                TokenEmbedding::Quantised(matrix.clone()),
+                FrozenWeight::Quantised(matrix),
+            ),
+            None => {
+                let table = load(&top_specs[0])?;
+                let head = FrozenWeight::dense(table.transposed()?.to_tensor(device)?);
+                let embedding = Embedding {
+                    weight: Param::from_tensor(table.to_tensor(device)?).set_require_grad(false),
+                };
+                (TokenEmbedding::Dense(embedding), head)
+            }
+        };
+        let norm = frozen_norm(&load(&top_specs[1])?, config.rms_norm_eps, device)?;
+        let lm_head = match top_specs.get(2) {
+            None => tied_head,
+            Some(spec) => match load_quantised(spec)? {
+                Some(matrix) => FrozenWeight::Quantised(matrix),
+                None => FrozenWeight::dense(load(spec)?.transposed()?.to_tensor(device)?),
+            },
+        };
         let mut layers = Vec::new();
         for i in 0..config.num_layers {
             let prefix = layer_prefix(i);
             let mut params = ParamMap::new();
+            let mut quantised = BTreeMap::new();
             for spec in &layer_specs {
                 let full = TensorSpec {
                     name: format!("{prefix}{}", spec.name),
                     shape: spec.shape.clone(),
                 };
-                params.insert(spec.name.clone(), load(&full)?);
+                let projection = Projection::ALL
+                    .into_iter()
+                    .find(|p| spec.name == format!("{}.weight", p.path()));
+                match projection
+                    .map(|_| load_quantised(&full))
+                    .transpose()?
+                    .flatten()
+                {
+                    Some(matrix) => {
+                        quantised.insert(projection.expect("a projection"), matrix);
+                    }
+                    None => params.insert(spec.name.clone(), load(&full)?),
+                }
             }
-            layers.push(DecoderLayer::from_params(&config, &params, device)?);
+            layers.push(DecoderLayer::from_parts(
+                &config, &params, quantised, device,
+            )?);
         }
-        Self::assemble(config, &embed, layers, &norm, lm_head.as_ref(), device)
+        Ok(Self::assemble(config, embed, layers, norm, lm_head))
     }
 
     fn assemble(
         config: DecoderConfig,
-        embed: &HostTensor,
+        embed_tokens: TokenEmbedding,
         layers: Vec<DecoderLayer>,
-        norm: &HostTensor,
-        lm_head: Option<&HostTensor>,
-        device: &Device,
-    ) -> Result<Self> {
+        norm: RmsNorm,
+        lm_head: FrozenWeight,
+    ) -> Self {
         let rope = RotaryEmbedding::new(config.head_dim, config.rope_theta, config.rope_scaling);
-        let head = lm_head.unwrap_or(embed).transposed()?;
-        let lm_head = Param::from_tensor(head.to_tensor(device)?).set_require_grad(false);
-        Ok(Self {
-            embed_tokens: Embedding {
-                weight: Param::from_tensor(embed.to_tensor(device)?).set_require_grad(false),
-            },
+        Self {
+            embed_tokens,
             layers,
-            norm: frozen_norm(norm, config.rms_norm_eps, device)?,
+            norm,
             lm_head,
             config,
             rope,
             lora: None,
-        })
+        }
     }
 
     /// A randomly initialised model (uniform weights with standard deviation 0.02, unit norms),
@@ -347,7 +415,7 @@ impl CausalLm {
 
     /// The device the parameters live on.
     pub fn device(&self) -> Device {
-        self.embed_tokens.weight.val().device()
+        self.norm.gamma.val().device()
     }
 
     /// The number of decoder layers.
@@ -358,17 +426,13 @@ impl CausalLm {
     /// Every base tensor, in transformers' naming and layout.
     pub fn base_params(&self) -> ParamMap {
         let mut params = ParamMap::new();
-        params.insert(
-            "model.embed_tokens.weight",
-            HostTensor::from_tensor(self.embed_tokens.weight.val()),
-        );
+        params.insert("model.embed_tokens.weight", self.embed_tokens.to_host());
         params.insert(
             "model.norm.weight",
             HostTensor::from_tensor(self.norm.gamma.val()),
         );
         if !self.config.tie_word_embeddings {
-            let head = HostTensor::from_tensor(self.lm_head.val());
-            params.insert("lm_head.weight", head.transposed().expect("2-D"));
+            params.insert("lm_head.weight", self.lm_head.to_host());
         }
         params.extend(self.gather_layers(DecoderLayer::base_params));
         params
@@ -519,7 +583,7 @@ impl CausalLm {
     /// - hidden: `[..., hidden]`
     /// - output: `[..., vocab]`
     pub fn logits_from_hidden<const D: usize>(&self, hidden: Tensor<D>) -> Tensor<D> {
-        linear(hidden, self.lm_head.val(), None)
+        self.lm_head.linear(hidden, None)
     }
 
     /// Logits for the new positions, attending over the cached ones; the cache is extended.

@@ -34,9 +34,11 @@ mod flex {
     use burn::backend::autodiff::grads::Gradients;
     use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
     use burn::backend::tensor::FloatTensor;
-    use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
-    use burn::tensor::{DType, Int, Shape, Tensor, TensorData};
+    use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+    use burn::tensor::{Int, Tensor};
     use rayon::prelude::*;
+
+    use crate::model::host_kernels::{runs_on_flex, tensor, values};
 
     /// Target ids on the host, one per logit row.
     #[derive(Clone, Debug)]
@@ -52,17 +54,8 @@ mod flex {
         logits: &Tensor<2>,
         targets: &Tensor<1, Int>,
     ) -> Option<Tensor<1>> {
-        // Other backends' variants exist only with their features.
-        #[allow(unreachable_patterns)]
-        let on_flex = match logits.device().as_dispatch() {
-            DispatchDevice::Flex(_) => true,
-            DispatchDevice::Autodiff(device) => {
-                matches!(device.clone().inner(), DispatchDevice::Flex(_))
-            }
-            _ => false,
-        };
         let [rows, vocab] = logits.dims();
-        if !on_flex || logits.dtype() != DType::F32 || targets.dims()[0] != rows {
+        if !runs_on_flex(&logits.device(), logits.dtype()) || targets.dims()[0] != rows {
             return None;
         }
         let ids: Vec<u32> = targets
@@ -83,11 +76,6 @@ mod flex {
         ))
     }
 
-    /// The values of a contiguous `f32` flex tensor.
-    fn values(tensor: &FloatTensor<Flex>) -> &[f32] {
-        tensor.as_slice::<f32>().expect("a contiguous f32 tensor")
-    }
-
     /// Per row of the row-major `logits`: `(logsumexp, logsumexp - row[target])`.
     fn forward(values: &[f32], targets: &TargetIds) -> (Vec<f32>, Vec<f32>) {
         let vocab = values.len() / targets.0.len().max(1);
@@ -101,10 +89,6 @@ mod flex {
                 (lse, lse - row[target as usize])
             })
             .unzip()
-    }
-
-    fn tensor(values: Vec<f32>, shape: impl Into<Shape>) -> FloatTensor<Flex> {
-        FloatTensor::<Flex>::from_data(TensorData::new(values, shape.into()))
     }
 
     impl CrossEntropyOps for Flex {

@@ -5,6 +5,8 @@
 //! PEFT's (`self_attn.q_proj.lora_A.weight: [r, in]`, `...lora_B.weight: [out, r]`), because
 //! grouping, fusion and transfer work layer by layer on those maps.
 
+use std::collections::BTreeMap;
+
 use burn::module::{Module, Param};
 use burn::nn::RmsNorm;
 use burn::tensor::{Device, Tensor};
@@ -12,8 +14,10 @@ use burn::tensor::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::model::attention::{AttentionContext, LayerCache, SelfAttention};
 use crate::model::config::DecoderConfig;
+use crate::model::frozen::FrozenWeight;
 use crate::model::lora::{LoraConfig, LoraLinear, LowRankAdapter, Projection};
 use crate::model::mlp::SwiGluMlp;
+use crate::model::quantised::QuantisedMatrix;
 use crate::params::{HostTensor, ParamMap};
 
 /// Name and `[out, in]` shape of every tensor of one layer, with whether it is a projection
@@ -135,16 +139,53 @@ impl DecoderLayer {
     /// [`Error::MissingTensor`], [`Error::UnexpectedTensor`] or [`Error::ShapeMismatch`] when
     /// `params` does not hold exactly [`layer_tensor_specs`].
     pub fn from_params(config: &DecoderConfig, params: &ParamMap, device: &Device) -> Result<Self> {
-        check_exact(params, &layer_tensor_specs(config), "")?;
-        let proj = |p: Projection| -> Result<LoraLinear> {
-            let weight = params
-                .require(&format!("{}.weight", p.path()))?
-                .transposed()?;
+        Self::from_parts(config, params, BTreeMap::new(), device)
+    }
+
+    /// [`DecoderLayer::from_params`] with the weights of some projections kept quantised:
+    /// `params` then holds every tensor but those weights.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`DecoderLayer::from_params`], and [`Error::ShapeMismatch`] for a quantised
+    /// weight that is not `[out, in]` of its projection.
+    pub(crate) fn from_parts(
+        config: &DecoderConfig,
+        params: &ParamMap,
+        mut quantised: BTreeMap<Projection, QuantisedMatrix>,
+        device: &Device,
+    ) -> Result<Self> {
+        let weight_name = |p: Projection| format!("{}.weight", p.path());
+        for (&p, matrix) in &quantised {
+            let [d_in, d_out] = projection_dims(config, p);
+            if matrix.shape() != [d_out, d_in] {
+                return Err(Error::ShapeMismatch {
+                    name: weight_name(p),
+                    expected: vec![d_out, d_in],
+                    found: matrix.shape().to_vec(),
+                });
+            }
+        }
+        let specs: Vec<TensorSpec> = layer_tensor_specs(config)
+            .into_iter()
+            .filter(|s| !quantised.keys().any(|&p| s.name == weight_name(p)))
+            .collect();
+        check_exact(params, &specs, "")?;
+        let mut proj = |p: Projection| -> Result<LoraLinear> {
+            let weight = match quantised.remove(&p) {
+                Some(matrix) => FrozenWeight::Quantised(matrix),
+                None => FrozenWeight::dense(
+                    params
+                        .require(&weight_name(p))?
+                        .transposed()?
+                        .to_tensor(device)?,
+                ),
+            };
             let bias = params
                 .get(&format!("{}.bias", p.path()))
                 .map(|b| b.to_tensor::<1>(device))
                 .transpose()?;
-            Ok(LoraLinear::frozen(weight.to_tensor(device)?, bias))
+            Ok(LoraLinear::from_weight(weight, bias))
         };
         Ok(Self {
             self_attn: SelfAttention {
@@ -204,12 +245,8 @@ impl DecoderLayer {
     pub fn base_params(&self) -> ParamMap {
         let mut params = ParamMap::new();
         for p in Projection::ALL {
-            let linear = &self.projection(p).base;
-            let weight = HostTensor::from_tensor(linear.weight.val());
-            params.insert(
-                format!("{}.weight", p.path()),
-                weight.transposed().expect("projection weights are 2-D"),
-            );
+            let linear = self.projection(p);
+            params.insert(format!("{}.weight", p.path()), linear.weight.to_host());
             if let Some(bias) = &linear.bias {
                 params.insert(
                     format!("{}.bias", p.path()),
@@ -410,8 +447,8 @@ impl DecoderLayer {
             let b = params.require(&format!("{}.lora_B.weight", p.path()))?;
             let linear = self.projection(p);
             let adapter = linear.adapter.as_ref().expect("targets carry adapters");
-            let weight = linear.base.weight.val();
-            let device = weight.device();
+            let device = self.input_layernorm.gamma.val().device();
+            let weight = linear.weight.to_tensor(&device);
             let delta = a
                 .transposed()?
                 .to_tensor::<2>(&device)?
@@ -420,7 +457,7 @@ impl DecoderLayer {
             merged.push((p, weight + delta));
         }
         for (p, weight) in merged {
-            self.projection_mut(p).base.weight = Param::from_tensor(weight).set_require_grad(false);
+            self.projection_mut(p).weight = FrozenWeight::dense(weight);
         }
         Ok(())
     }
@@ -430,10 +467,9 @@ impl DecoderLayer {
     pub fn projection_weights(&self) -> ParamMap {
         let mut params = ParamMap::new();
         for p in Projection::ALL {
-            let weight = HostTensor::from_tensor(self.projection(p).base.weight.val());
             params.insert(
                 format!("{}.weight", p.path()),
-                weight.transposed().expect("projection weights are 2-D"),
+                self.projection(p).weight.to_host(),
             );
         }
         params
@@ -465,7 +501,7 @@ impl DecoderLayer {
             weights.push((p, weight.transposed()?.to_tensor::<2>(&device)?));
         }
         for (p, weight) in weights {
-            self.projection_mut(p).base.weight = Param::from_tensor(weight).set_require_grad(false);
+            self.projection_mut(p).weight = FrozenWeight::dense(weight);
         }
         Ok(())
     }

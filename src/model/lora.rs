@@ -11,12 +11,13 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::model::frozen::FrozenWeight;
 use crate::params::HostTensor;
 
 /// The seven projections of a Llama-family decoder layer that LoRA can target.
@@ -205,8 +206,10 @@ impl LowRankAdapter {
 /// A frozen linear layer with an optional LoRA adapter.
 #[derive(Module, Debug)]
 pub struct LoraLinear {
-    /// The frozen base layer (`weight: [d_in, d_out]`).
-    pub base: Linear,
+    /// The frozen base weight (`[d_in, d_out]`), `f32` or kept quantised.
+    pub weight: FrozenWeight,
+    /// The frozen bias `[d_out]`, if the layer has one.
+    pub bias: Option<Param<Tensor<1>>>,
     /// The adapter, when this projection is a LoRA target.
     pub adapter: Option<LowRankAdapter>,
 }
@@ -215,25 +218,29 @@ impl LoraLinear {
     /// A frozen layer (no gradients for its weight or bias) from a weight in burn layout
     /// `[d_in, d_out]` and an optional bias `[d_out]`, without adapter.
     pub fn frozen(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self::from_weight(FrozenWeight::dense(weight), bias)
+    }
+
+    /// A frozen layer from a weight in either representation and an optional bias `[d_out]`,
+    /// without adapter.
+    pub fn from_weight(weight: FrozenWeight, bias: Option<Tensor<1>>) -> Self {
         Self {
-            base: Linear {
-                weight: Param::from_tensor(weight).set_require_grad(false),
-                bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
-            },
+            weight,
+            bias: bias.map(|b| Param::from_tensor(b).set_require_grad(false)),
             adapter: None,
         }
     }
 
     /// `[d_in, d_out]`.
     pub fn dims(&self) -> [usize; 2] {
-        self.base.weight.shape().dims()
+        self.weight.dims()
     }
 
     /// The effective weight `W + (alpha / r) A B` in burn layout `[d_in, d_out]` (just `W`
-    /// without adapter). This is the only place the dense delta is formed; the forward pass
-    /// never does.
-    pub fn effective_weight(&self) -> Tensor<2> {
-        let weight = self.base.weight.val();
+    /// without adapter; a quantised `W` is decoded onto `device`). This is the only place the
+    /// dense delta is formed; the forward pass never does.
+    pub fn effective_weight(&self, device: &Device) -> Tensor<2> {
+        let weight = self.weight.to_tensor(device);
         match &self.adapter {
             None => weight,
             Some(adapter) => {
@@ -254,11 +261,9 @@ impl LoraLinear {
     /// - input: `[..., d_in]`
     /// - output: `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let base = linear(
-            x.clone(),
-            self.base.weight.val(),
-            self.base.bias.as_ref().map(|b| b.val()),
-        );
+        let base = self
+            .weight
+            .linear(x.clone(), self.bias.as_ref().map(|b| b.val()));
         match &self.adapter {
             None => base,
             Some(adapter) => {

@@ -15,10 +15,12 @@ use crate::error::{Error, Result};
 use crate::model::causal_lm::CausalLm;
 use crate::model::checkpoint::map_file;
 use crate::model::config::{DecoderConfig, HfConfig};
+use crate::model::quantised::QuantisedMatrix;
 use crate::params::{HostTensor, TensorSource};
 
 mod quants;
 
+pub(crate) use quants::dequantize_into;
 pub use quants::{GgufType, dequantize};
 
 /// A metadata value.
@@ -489,11 +491,10 @@ fn hf_name(gguf: &str) -> Option<String> {
     rename(gguf, false)
 }
 
-/// Undoes llama.cpp's per-head row permutation of Q and K (made for its interleaved RoPE):
-/// `hf_row[h*D + j*D/2 + i] = gguf_row[h*D + 2i + j]`.
-fn unpermute_rows(tensor: &HostTensor, heads: usize) -> Result<HostTensor> {
-    let rows = tensor.shape()[0];
-    let cols = tensor.len() / rows.max(1);
+/// The row order that undoes llama.cpp's per-head row permutation of Q and K (made for its
+/// interleaved RoPE): `hf_row[h*D + j*D/2 + i] = gguf_row[h*D + 2i + j]`; entry `r` is the
+/// GGUF row that becomes row `r`.
+fn unpermuted_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(Error::InvalidConfig(format!(
             "cannot split {rows} rows into {heads} heads of even width"
@@ -501,17 +502,27 @@ fn unpermute_rows(tensor: &HostTensor, heads: usize) -> Result<HostTensor> {
     }
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let mut values = vec![0.0; tensor.len()];
+    let mut order = vec![0; rows];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = h * head_dim + 2 * i + j;
-                let dst = h * head_dim + j * half + i;
-                values[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&tensor.values()[src * cols..(src + 1) * cols]);
+                order[h * head_dim + j * half + i] = h * head_dim + 2 * i + j;
             }
         }
     }
+    Ok(order)
+}
+
+/// [`unpermuted_order`] applied to the rows of a decoded tensor.
+fn unpermute_rows(tensor: &HostTensor, heads: usize) -> Result<HostTensor> {
+    let rows = tensor.shape()[0];
+    let cols = tensor.len() / rows.max(1);
+    let order = unpermuted_order(rows, heads)?;
+    let values = order
+        .iter()
+        .flat_map(|&src| &tensor.values()[src * cols..(src + 1) * cols])
+        .copied()
+        .collect();
     HostTensor::new(tensor.shape().to_vec(), values)
 }
 
@@ -619,22 +630,83 @@ fn name_metadata_keys(msg: &str) -> String {
     })
 }
 
+/// How the frozen base weights of a GGUF file are held in memory.
+///
+/// ```
+/// use devft::model::gguf::BaseWeights;
+///
+/// assert_eq!("quantised".parse::<BaseWeights>()?, BaseWeights::Quantised);
+/// assert_eq!(BaseWeights::default(), BaseWeights::F32);
+/// # Ok::<(), devft::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseWeights {
+    /// Every tensor decoded to `f32` at load.
+    #[default]
+    F32,
+    /// The projection weights, the token embedding and the LM head kept in the file's own
+    /// blocks ([`crate::model::QuantisedMatrix`]; those the file stores as F32 are decoded);
+    /// norms and adapters are `f32`. About a seventh of the `f32` memory for a 4-bit file.
+    Quantised,
+}
+
+impl BaseWeights {
+    /// The names [`BaseWeights::from_str`](std::str::FromStr) accepts.
+    pub const NAMES: &'static str = "f32, quantised";
+}
+
+impl std::str::FromStr for BaseWeights {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "f32" => Ok(BaseWeights::F32),
+            "quantised" => Ok(BaseWeights::Quantised),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown base weights `{other}` (expected one of {})",
+                BaseWeights::NAMES
+            ))),
+        }
+    }
+}
+
 /// A GGUF file seen through transformers' tensor names and layout (Q/K rows un-permuted for
 /// the `llama` architecture), so that [`CausalLm::from_source`] can load it.
 pub struct GgufSource<'a> {
     file: &'a GgufFile,
     config: DecoderConfig,
     unpermute: bool,
+    base: BaseWeights,
 }
 
 impl<'a> GgufSource<'a> {
-    /// The view of `file` for `config` (from [`GgufFile::decoder_config`]).
+    /// The view of `file` for `config` (from [`GgufFile::decoder_config`]), decoding every
+    /// tensor to `f32`.
     pub fn new(file: &'a GgufFile, config: DecoderConfig) -> Self {
         let unpermute = file.architecture() == Some("llama");
         Self {
             file,
             config,
             unpermute,
+            base: BaseWeights::F32,
+        }
+    }
+
+    /// The same view holding the base weights as `base` says.
+    pub fn with_base(self, base: BaseWeights) -> Self {
+        Self { base, ..self }
+    }
+
+    /// The heads whose rows llama.cpp permuted in tensor `name`, if any.
+    fn permuted_heads(&self, name: &str) -> Option<usize> {
+        if !self.unpermute {
+            None
+        } else if name.ends_with("q_proj.weight") {
+            Some(self.config.num_heads)
+        } else if name.ends_with("k_proj.weight") {
+            Some(self.config.num_kv_heads)
+        } else {
+            None
         }
     }
 }
@@ -655,12 +727,35 @@ impl TensorSource for GgufSource<'_> {
         let tensor = self.file.tensor(&gguf).map_err(|_| Error::MissingTensor {
             name: format!("{name} ({gguf})"),
         })?;
-        if self.unpermute && name.ends_with("q_proj.weight") {
-            unpermute_rows(&tensor, self.config.num_heads)
-        } else if self.unpermute && name.ends_with("k_proj.weight") {
-            unpermute_rows(&tensor, self.config.num_kv_heads)
-        } else {
-            Ok(tensor)
+        match self.permuted_heads(name) {
+            Some(heads) => unpermute_rows(&tensor, heads),
+            None => Ok(tensor),
+        }
+    }
+
+    fn load_quantised(&self, name: &str) -> Result<Option<QuantisedMatrix>> {
+        let info = gguf_name(name).and_then(|gguf| self.file.tensors.get(&gguf));
+        let Some(info) = info.filter(|info| {
+            self.base == BaseWeights::Quantised
+                && info.kind != GgufType::F32
+                && info.dims.len() == 2
+        }) else {
+            return Ok(None);
+        };
+        let blocks = self.file.bytes[info.range.clone()].to_vec();
+        let matrix =
+            QuantisedMatrix::new(info.kind, info.dims[1], info.dims[0], blocks).map_err(|e| {
+                Error::Gguf {
+                    source_name: self.file.source_name.clone(),
+                    reason: format!("tensor `{name}`: {e}"),
+                }
+            })?;
+        match self.permuted_heads(name) {
+            Some(heads) => {
+                let order = unpermuted_order(matrix.shape()[0], heads)?;
+                Ok(Some(matrix.with_row_order(&order)?))
+            }
+            None => Ok(Some(matrix)),
         }
     }
 }
@@ -674,9 +769,23 @@ impl CausalLm {
     /// The errors of [`GgufFile::open`], [`GgufFile::decoder_config`] and
     /// [`CausalLm::from_source`].
     pub fn from_gguf(path: impl AsRef<Path>, device: &burn::tensor::Device) -> Result<Self> {
+        Self::from_gguf_with(path, BaseWeights::F32, device)
+    }
+
+    /// [`CausalLm::from_gguf`] with the base weights held as `base` says
+    /// ([`BaseWeights::Quantised`] keeps them in the file's blocks).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`CausalLm::from_gguf`].
+    pub fn from_gguf_with(
+        path: impl AsRef<Path>,
+        base: BaseWeights,
+        device: &burn::tensor::Device,
+    ) -> Result<Self> {
         let file = GgufFile::open(path)?;
         let config = file.decoder_config()?;
-        let source = GgufSource::new(&file, config.clone());
+        let source = GgufSource::new(&file, config.clone()).with_base(base);
         Self::from_source(config, &source, device)
     }
 }

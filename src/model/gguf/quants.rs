@@ -114,15 +114,21 @@ pub fn dequantize(kind: GgufType, data: &[u8]) -> Vec<f32> {
     const BLOCKS_PER_TASK: usize = 64;
     out.par_chunks_mut(per_block * BLOCKS_PER_TASK)
         .zip(data.par_chunks(block_bytes * BLOCKS_PER_TASK))
-        .for_each(|(values, bytes)| {
-            for (y, b) in values
-                .chunks_exact_mut(per_block)
-                .zip(bytes.chunks_exact(block_bytes))
-            {
-                dequantize_block(kind, b, y);
-            }
-        });
+        .for_each(|(values, bytes)| dequantize_into(kind, bytes, values));
     out
+}
+
+/// Dequantises whole blocks of `data` into `out` (one block's values per block, in order),
+/// on the calling thread: the building block of [`crate::model::QuantisedMatrix`], which
+/// decodes a few rows at a time.
+pub(crate) fn dequantize_into(kind: GgufType, data: &[u8], out: &mut [f32]) {
+    let (per_block, block_bytes) = kind.block();
+    for (y, b) in out
+        .chunks_exact_mut(per_block)
+        .zip(data.chunks_exact(block_bytes))
+    {
+        dequantize_block(kind, b, y);
+    }
 }
 
 /// Decodes one block `b` into `y` (`y.len()` values per block).

@@ -1,0 +1,447 @@
+//! A frozen matrix kept in a GGUF file's own quantised blocks (QLoRA's idea: the base stays
+//! small, only the adapters are `f32`).
+//!
+//! [`QuantisedMatrix`] multiplies without ever holding all of its `f32` values: the forward
+//! pass `x Mᵀ` and the backward pass for the input, `dy M`, decode a few rows at a time (at
+//! most [`DECODED_VALUES`] values, 4 MiB) and hand each slice to the matmul kernel, so a
+//! 4-bit base costs about a seventh of its `f32` size in memory during training too. On
+//! burn's flex backend this is a custom op with a hand-written backward whose saved state is
+//! the blocks themselves (an `Arc`), not a dequantised copy (`docs/custom-ops.md` explains the
+//! route and why burn's own quantised tensors do not fit). On other backends the matrix is
+//! decoded whole for each product, which is correct but keeps no memory.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use burn::module::{
+    Content, Devices, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor,
+};
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::model::gguf::{GgufType, dequantize_into};
+use crate::params::HostTensor;
+
+/// The most values a product decodes at once (rows of the matrix, 4 MiB of `f32`).
+pub const DECODED_VALUES: usize = 1 << 20;
+
+/// A `[rows, cols]` matrix stored as GGUF blocks, row-major like GGUF's data (each row
+/// `cols / values_per_block` whole blocks). As a frozen linear layer's weight it has
+/// PyTorch's `[out, in]` layout: [`QuantisedMatrix::forward`] computes `x Mᵀ`.
+///
+/// Cloning shares the blocks.
+///
+/// ```
+/// use devft::model::QuantisedMatrix;
+/// use devft::model::gguf::GgufType;
+///
+/// // One row of one Q8_0 block: scale 0.5 (f16 0x3800), quants 0, 1, ..., 31.
+/// let mut block = vec![0x00, 0x38];
+/// block.extend(0u8..32);
+/// let m = QuantisedMatrix::new(GgufType::Q8_0, 1, 32, block)?;
+/// assert_eq!(m.to_host().values()[3], 1.5);
+/// assert_eq!(m.storage_bytes(), 34);
+/// # Ok::<(), devft::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct QuantisedMatrix {
+    kind: GgufType,
+    rows: usize,
+    cols: usize,
+    blocks: Arc<[u8]>,
+}
+
+impl fmt::Debug for QuantisedMatrix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuantisedMatrix")
+            .field("kind", &self.kind)
+            .field("shape", &[self.rows, self.cols])
+            .field("bytes", &self.blocks.len())
+            .finish()
+    }
+}
+
+impl QuantisedMatrix {
+    /// A matrix of `rows` rows of `cols` values from `blocks`, GGUF's data of a tensor of
+    /// type `kind` with dimensions `[cols, rows]` (innermost first).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] when a dimension is 0, `cols` is not a whole number of
+    /// `kind`'s blocks, or `blocks` does not hold exactly `rows` rows.
+    pub fn new(kind: GgufType, rows: usize, cols: usize, blocks: Vec<u8>) -> Result<Self> {
+        let (per_block, block_bytes) = kind.block();
+        let row_bytes = (cols / per_block).checked_mul(block_bytes);
+        let expected = row_bytes.and_then(|r| r.checked_mul(rows));
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(per_block) {
+            return Err(Error::InvalidArgument(format!(
+                "a {kind:?} matrix needs non-zero dimensions and rows of whole {per_block}-value \
+                 blocks, got [{rows}, {cols}]"
+            )));
+        }
+        if expected != Some(blocks.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "a [{rows}, {cols}] {kind:?} matrix takes {expected:?} bytes, got {}",
+                blocks.len()
+            )));
+        }
+        Ok(Self {
+            kind,
+            rows,
+            cols,
+            blocks: blocks.into(),
+        })
+    }
+
+    /// The storage type of the blocks.
+    pub fn kind(&self) -> GgufType {
+        self.kind
+    }
+
+    /// `[rows, cols]`.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// The bytes the blocks take (what the matrix costs in memory).
+    pub fn storage_bytes(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.blocks.len() / self.rows
+    }
+
+    /// Rows `range` decoded to `f32`, row-major, rows in parallel.
+    fn decode_rows(&self, range: Range<usize>) -> Vec<f32> {
+        let row_bytes = self.row_bytes();
+        let bytes = &self.blocks[range.start * row_bytes..range.end * row_bytes];
+        let mut values = vec![0.0f32; range.len() * self.cols];
+        values
+            .par_chunks_mut(self.cols)
+            .zip(bytes.par_chunks(row_bytes))
+            .with_min_len(16)
+            .for_each(|(row, bytes)| dequantize_into(self.kind, bytes, row));
+        values
+    }
+
+    /// The row ranges a product decodes one after the other: at most [`DECODED_VALUES`]
+    /// values each (at least one row).
+    fn row_chunks(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        let step = (DECODED_VALUES / self.cols).max(1);
+        (0..self.rows)
+            .step_by(step)
+            .map(move |start| start..(start + step).min(self.rows))
+    }
+
+    /// The whole matrix in `f32`, `[rows, cols]`.
+    pub fn to_host(&self) -> HostTensor {
+        let values = self.decode_rows(0..self.rows);
+        HostTensor::new(vec![self.rows, self.cols], values).expect("rows x cols values")
+    }
+
+    /// Whether every value is finite (decoded a chunk of rows at a time).
+    pub fn is_finite(&self) -> bool {
+        self.row_chunks()
+            .all(|rows| self.decode_rows(rows).iter().all(|v| v.is_finite()))
+    }
+
+    /// The matrix with its rows reordered: row `i` of the result is row `order[i]` of this
+    /// one (blocks never span rows, so this is exact).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] when `order` is not a permutation of the rows.
+    pub fn with_row_order(&self, order: &[usize]) -> Result<Self> {
+        let mut seen = vec![false; self.rows];
+        let is_permutation = order.len() == self.rows
+            && order
+                .iter()
+                .all(|&r| r < self.rows && !std::mem::replace(&mut seen[r], true));
+        if !is_permutation {
+            return Err(Error::InvalidArgument(format!(
+                "a row order of {} rows must list each of 0..{} once",
+                self.rows, self.rows
+            )));
+        }
+        let row_bytes = self.row_bytes();
+        let blocks: Vec<u8> = order
+            .iter()
+            .flat_map(|&r| &self.blocks[r * row_bytes..(r + 1) * row_bytes])
+            .copied()
+            .collect();
+        Ok(Self {
+            blocks: blocks.into(),
+            ..self.clone()
+        })
+    }
+
+    /// Looks up rows by id: `[batch, seq]` ids give `[batch, seq, cols]` (an embedding
+    /// table's lookup; no gradient flows into the matrix).
+    ///
+    /// # Panics
+    ///
+    /// When an id is negative or not below the number of rows, like burn's own embedding.
+    pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [batch, seq] = ids.dims();
+        let device = ids.device();
+        let ids = ids
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .expect("int ids");
+        let row_bytes = self.row_bytes();
+        let mut values = vec![0.0f32; ids.len() * self.cols];
+        values
+            .par_chunks_mut(self.cols)
+            .zip(ids.par_iter())
+            .for_each(|(row, &id)| {
+                let r = usize::try_from(id)
+                    .ok()
+                    .filter(|&r| r < self.rows)
+                    .unwrap_or_else(|| panic!("token id {id} outside 0..{}", self.rows));
+                dequantize_into(self.kind, &self.blocks[r * row_bytes..][..row_bytes], row);
+            });
+        Tensor::from_data(TensorData::new(values, [batch, seq, self.cols]), &device)
+    }
+
+    /// `x Mᵀ`: a frozen linear layer with this matrix as its `[out, in]` weight. The
+    /// gradient flows to `x` only.
+    ///
+    /// # Shapes
+    ///
+    /// - x: `[..., cols]`
+    /// - output: `[..., rows]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dims = x.dims();
+        if !crate::model::host_kernels::runs_on_flex(&x.device(), x.dtype()) {
+            let weight = self
+                .to_host()
+                .transposed()
+                .and_then(|w| w.to_tensor::<2>(&x.device()))
+                .expect("a 2-D matrix");
+            return linear(x, weight, None);
+        }
+        let n = dims[..D - 1].iter().product();
+        let y = flex::linear(x.reshape([n, self.cols]), self);
+        let mut out = dims;
+        out[D - 1] = self.rows;
+        y.reshape(out)
+    }
+}
+
+/// The matrix is frozen host data: no parameters to visit or map, no device of its own.
+impl Module for QuantisedMatrix {
+    fn collect_devices(&self, devices: Devices) -> Devices {
+        devices
+    }
+
+    fn fork(self, _: &Device) -> Self {
+        self
+    }
+
+    fn to_device(self, _: &Device) -> Self {
+        self
+    }
+
+    fn train(self) -> Self {
+        self
+    }
+
+    fn valid(&self) -> Self {
+        self.clone()
+    }
+
+    fn materialize(self) -> Self {
+        self
+    }
+
+    fn visit<V: ModuleVisitor>(&self, _: &mut V) {}
+
+    fn map<M: ModuleMapper>(self, _: &mut M) -> Self {
+        self
+    }
+}
+
+impl ModuleDisplayDefault for QuantisedMatrix {
+    fn content(&self, content: Content) -> Option<Content> {
+        content
+            .add_single(&format!(
+                "QuantisedMatrix {{kind: {:?}, shape: [{}, {}]}}",
+                self.kind, self.rows, self.cols
+            ))
+            .optional()
+    }
+}
+
+impl ModuleDisplay for QuantisedMatrix {}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+    use burn::backend::tensor::FloatTensor;
+    use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+    use burn::tensor::Tensor;
+
+    use super::QuantisedMatrix;
+    use crate::model::host_kernels::{tensor, values};
+
+    #[backend_extension(Flex, Autodiff)]
+    pub trait QuantisedOps: Backend {
+        /// `x Mᵀ` for `x` `[n, cols]`.
+        fn quantised_linear(x: FloatTensor<Self>, weight: QuantisedMatrix) -> FloatTensor<Self>;
+    }
+
+    pub(super) fn linear(x: Tensor<2>, weight: &QuantisedMatrix) -> Tensor<2> {
+        Tensor::from_dispatch(<Dispatch as QuantisedOps>::quantised_linear(
+            x.into_dispatch(),
+            weight.clone(),
+        ))
+    }
+
+    /// Multi-threaded for products as large as those flex's own matmul splits.
+    fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+        if m * n * k >= 192 * 192 * 192 {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        }
+    }
+
+    /// `y = x Mᵀ` for row-major `x` `[n, cols]`: each chunk of rows of `M` is decoded and
+    /// multiplied straight into its columns of `y`.
+    fn forward(x: &[f32], weight: &QuantisedMatrix) -> Vec<f32> {
+        let [rows, cols] = weight.shape();
+        let n = x.len() / cols;
+        let mut y = vec![0.0f32; n * rows];
+        for chunk in weight.row_chunks() {
+            let w = weight.decode_rows(chunk.clone());
+            let width = chunk.len();
+            // SAFETY: dst is columns `chunk` of the row-major `[n, rows]` `y` (row stride
+            // `rows`): its last element, (n - 1) * rows + chunk.end - 1, lies inside `y`. lhs
+            // is `x` `[n, cols]` (row stride `cols`); rhs is `wᵀ` `[cols, width]`, element
+            // (k, j) at w[j * cols + k], inside the `width * cols` values of `w`.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    width,
+                    cols,
+                    y.as_mut_ptr().add(chunk.start),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    w.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism(n, width, cols),
+                );
+            }
+        }
+        y
+    }
+
+    /// `dx = dy M` for row-major `dy` `[n, rows]`, summed over the chunks of rows of `M`.
+    fn backward(dy: &[f32], weight: &QuantisedMatrix) -> Vec<f32> {
+        let [rows, cols] = weight.shape();
+        let n = dy.len() / rows;
+        let mut dx = vec![0.0f32; n * cols];
+        for chunk in weight.row_chunks() {
+            let w = weight.decode_rows(chunk.clone());
+            let width = chunk.len();
+            // SAFETY: dst is the whole row-major `[n, cols]` `dx`; lhs is columns `chunk` of
+            // the row-major `[n, rows]` `dy` (last element (n - 1) * rows + chunk.end - 1,
+            // inside `dy`); rhs is `w` `[width, cols]`, row-major.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    cols,
+                    width,
+                    dx.as_mut_ptr(),
+                    1,
+                    cols as isize,
+                    chunk.start > 0,
+                    dy.as_ptr().add(chunk.start),
+                    1,
+                    rows as isize,
+                    w.as_ptr(),
+                    1,
+                    cols as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism(n, cols, width),
+                );
+            }
+        }
+        dx
+    }
+
+    impl QuantisedOps for Flex {
+        fn quantised_linear(x: FloatTensor<Self>, weight: QuantisedMatrix) -> FloatTensor<Self> {
+            let x = x.to_contiguous();
+            let y = forward(values(&x), &weight);
+            let n = y.len() / weight.rows;
+            tensor(y, [n, weight.rows])
+        }
+    }
+
+    /// Keeps only the matrix (its shared blocks) for the backward: no `f32` copy of it.
+    #[derive(Debug)]
+    struct QuantisedLinearBackward;
+
+    impl Backward<Flex, 1> for QuantisedLinearBackward {
+        type State = QuantisedMatrix;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let weight = ops.state;
+            unary::<Flex, _>(ops.parents, ops.node, grads, |dy| {
+                let dy = dy.to_contiguous();
+                let dx = backward(values(&dy), &weight);
+                let n = dx.len() / weight.cols;
+                tensor(dx, [n, weight.cols])
+            });
+        }
+    }
+
+    impl<C: CheckpointStrategy> QuantisedOps for Autodiff<Flex, C> {
+        fn quantised_linear(x: FloatTensor<Self>, weight: QuantisedMatrix) -> FloatTensor<Self> {
+            let guard = x.node();
+            let y = Flex::quantised_linear(x.into_primitive(), weight.clone());
+            match QuantisedLinearBackward
+                .prepare::<C>([guard])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(weight, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            }
+        }
+    }
+}
+
+#[cfg(not(feature = "flex"))]
+mod flex {
+    use burn::tensor::Tensor;
+
+    use super::QuantisedMatrix;
+
+    pub(super) fn linear(_: Tensor<2>, _: &QuantisedMatrix) -> Tensor<2> {
+        unreachable!("only a flex tensor takes this path")
+    }
+}
