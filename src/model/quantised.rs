@@ -111,6 +111,12 @@ impl QuantisedMatrix {
         self.blocks.len()
     }
 
+    /// Whether `other` shares this matrix's blocks (a clone of it, as a tied LM head is of
+    /// the embedding).
+    pub fn shares_blocks(&self, other: &QuantisedMatrix) -> bool {
+        Arc::ptr_eq(&self.blocks, &other.blocks)
+    }
+
     fn row_bytes(&self) -> usize {
         self.blocks.len() / self.rows
     }
