@@ -342,3 +342,34 @@ fn quantised_weights_need_a_gguf_file() {
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     assert!("q4".parse::<BaseWeights>().is_err());
 }
+
+/// Every block type kept resident, against the `gguf` package's decoding of the same blocks
+/// (`tests/fixtures/gguf-quants`: 3 rows of 512 random quants per type, K-quants included).
+#[test]
+fn every_block_type_multiplies_as_the_gguf_package_decodes_it() {
+    use devft::model::gguf::GgufFile;
+    let path = tiny_llama_dir().join("../gguf-quants/quants.gguf");
+    let file = GgufFile::open(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let device = device();
+    let x = Tensor::<2>::random([4, 512], Distribution::Normal(0.0, 1.0), &device);
+    let mut kinds = 0;
+    for (name, info) in &file.tensors {
+        if name.ends_with(".expected") {
+            continue;
+        }
+        let blocks = bytes[info.range.clone()].to_vec();
+        let matrix = QuantisedMatrix::new(info.kind, 3, 512, blocks).unwrap();
+        let expected = file.tensor(&format!("{name}.expected")).unwrap();
+        let expected = expected.to_tensor::<2>(&device).unwrap();
+        let want = values(x.clone().matmul(expected.transpose()));
+        let got = values(matrix.forward(x.clone()));
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff <= 1e-5 * max_abs(&want), "{name}: {diff}");
+        kinds += 1;
+    }
+    assert_eq!(
+        kinds, 10,
+        "Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the five K-quants"
+    );
+}

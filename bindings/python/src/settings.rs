@@ -14,6 +14,7 @@ use devft::data::{
 use devft::federated::{FederatedConfig, LocalTrainingConfig, Strategy, parse_memory_budgets};
 use devft::fusion::{DifferentialFuser, FuserKind};
 use devft::grouping::GrouperKind;
+use devft::model::gguf::BaseWeights;
 use devft::model::{CausalLm, LoraConfig};
 use devft::schedule::{ExplicitScheduler, GeometricScheduler, SingleStage, Stage, StageScheduler};
 use devft::tokenizer::{PromptTemplate, Tokenizer};
@@ -33,7 +34,7 @@ pub enum Value {
 }
 
 /// Every key [`Settings`] reads, with its default (`None`: required).
-pub const KEYS: [(&str, Option<&str>); 25] = [
+pub const KEYS: [(&str, Option<&str>); 26] = [
     ("model", None),
     ("data", None),
     ("tokenizer", Some("bytes")),
@@ -59,6 +60,7 @@ pub const KEYS: [(&str, Option<&str>); 25] = [
     ("stateless-clients", Some("false")),
     ("max-update-norm-factor", Some("10")),
     ("client-memory", Some("none")),
+    ("base", Some("f32")),
 ];
 
 /// The parsed settings of a run.
@@ -147,14 +149,18 @@ impl Settings {
         }
     }
 
-    /// The full model with a fresh adapter (seeded by `seed`), on `device`.
+    /// The full model with a fresh adapter (seeded by `seed`), on `device`, its frozen base
+    /// held as `base` says (`f32`, or `quantised`: a GGUF file's blocks kept as they are).
     ///
     /// # Errors
     ///
-    /// The errors of loading the model and of an invalid LoRA configuration.
+    /// The errors of loading the model and of an invalid LoRA configuration;
+    /// [`Error::InvalidArgument`] for an unknown `base` or `quantised` with a model that is
+    /// not a GGUF file.
     pub fn model(&self, device: &burn::tensor::Device) -> Result<CausalLm> {
         let lora = LoraConfig::new(self.parse("lora-rank")?, self.parse("lora-alpha")?);
-        CausalLm::load(self.path("model"), device)?.with_lora(&lora, self.parse("seed")?)
+        let base: BaseWeights = self.text("base").trim().parse()?;
+        CausalLm::load_with(self.path("model"), base, device)?.with_lora(&lora, self.parse("seed")?)
     }
 
     /// The held-out examples and every partition's training examples.

@@ -124,6 +124,12 @@ class Bindings(unittest.TestCase):
             with self.assertRaises(devft_py.InvalidArgumentError):
                 devft_py.Server({**SETTINGS, "client-memory": bad})
 
+    def test_a_quantised_base_needs_a_gguf_model(self):
+        # The tiny fixture is a safetensors directory: only a GGUF file stores blocks to keep.
+        for bad in ("quantised", "q4"):
+            with self.assertRaises(devft_py.InvalidArgumentError):
+                devft_py.Server({**SETTINGS, "base": bad})
+
     def test_bad_replies_are_failed_clients(self):
         def corrupt(round, client, reply):
             if round != 1:
