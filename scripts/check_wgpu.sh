@@ -23,5 +23,5 @@ fi
 export VK_ICD_FILENAMES="$icd"
 # Mesa's window-system code complains on every device creation without one.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
-cargo test --features wgpu --test fixture_parity --test backend_parity -- --nocapture
+cargo test --profile wgpu-check --features wgpu --test fixture_parity --test backend_parity -- --nocapture
 echo "check_wgpu: the wgpu parity tests passed on $(basename "$icd")"

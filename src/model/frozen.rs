@@ -6,6 +6,8 @@ use burn::nn::Embedding;
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Int, Tensor};
 
+use crate::model::frozen_matmul;
+use crate::model::host_kernels::runs_on_flex;
 use crate::model::quantised::QuantisedMatrix;
 use crate::params::HostTensor;
 
@@ -80,7 +82,24 @@ impl FrozenWeight {
     /// - output: `[..., d_out]`
     pub fn linear<const D: usize>(&self, x: Tensor<D>, bias: Option<Tensor<1>>) -> Tensor<D> {
         match self {
-            FrozenWeight::Dense(weight) => linear(x, weight.val(), bias),
+            FrozenWeight::Dense(weight) => {
+                let weight = weight.val();
+                // A weight someone made trainable again needs burn's own op for its gradient.
+                if !runs_on_flex(&x.device(), x.dtype()) || weight.is_require_grad() {
+                    return linear(x, weight, bias);
+                }
+                let dims = x.dims();
+                let [d_in, d_out] = weight.dims();
+                let n = dims[..D - 1].iter().product();
+                let y = frozen_matmul::dense_linear(x.reshape([n, d_in]), weight);
+                let mut out = dims;
+                out[D - 1] = d_out;
+                let y = y.reshape(out);
+                match bias {
+                    Some(bias) => y + bias.unsqueeze(),
+                    None => y,
+                }
+            }
             FrozenWeight::Quantised(matrix) => {
                 let y = matrix.forward(x);
                 match bias {
@@ -131,5 +150,45 @@ impl TokenEmbedding {
             }
             TokenEmbedding::Quantised(matrix) => matrix.storage_bytes(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::module::linear;
+    use burn::tensor::{Device, Distribution, Tensor};
+
+    use super::FrozenWeight;
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// The frozen product (flex's custom op) against burn's `linear`, with a bias and a 3-D
+    /// input: same values, same input gradient, no gradient for the weight.
+    #[test]
+    fn a_dense_frozen_weight_computes_what_burn_linear_does() {
+        let device = Device::default().autodiff();
+        let weight = Tensor::<2>::random([48, 80], Distribution::Normal(0.0, 0.2), &device);
+        let bias = Tensor::<1>::random([80], Distribution::Normal(0.0, 0.2), &device);
+        let x = Tensor::<3>::random([2, 5, 48], Distribution::Normal(0.0, 1.0), &device);
+        let upstream = Tensor::<3>::random([2, 5, 80], Distribution::Normal(0.0, 1.0), &device);
+        let frozen = FrozenWeight::dense(weight.clone());
+
+        let x1 = x.clone().require_grad();
+        let y1 = frozen.linear(x1.clone(), Some(bias.clone()));
+        let grads = (y1.clone() * upstream.clone()).sum().backward();
+        let g1 = x1.grad(&grads).unwrap();
+        let FrozenWeight::Dense(param) = &frozen else {
+            unreachable!()
+        };
+        assert!(param.val().grad(&grads).is_none());
+
+        let x2 = x.require_grad();
+        let y2 = linear(x2.clone(), weight, Some(bias));
+        let g2 = x2.grad(&(y2.clone() * upstream).sum().backward()).unwrap();
+
+        assert!(max_diff(y1.inner(), y2.inner()) < 1e-5);
+        assert!(max_diff(g1, g2) < 1e-5);
     }
 }

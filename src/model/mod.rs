@@ -12,6 +12,7 @@ mod config;
 mod cross_entropy;
 mod decoder;
 mod frozen;
+mod frozen_matmul;
 mod generate;
 pub mod gguf;
 mod host_kernels;

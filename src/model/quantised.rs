@@ -22,7 +22,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::model::frozen_matmul;
 use crate::model::gguf::{GgufType, dequantize_into};
+use crate::model::host_kernels::runs_on_flex;
 use crate::params::HostTensor;
 
 /// The most values a product decodes at once (rows of the matrix, 4 MiB of `f32`).
@@ -122,7 +124,7 @@ impl QuantisedMatrix {
     }
 
     /// Rows `range` decoded to `f32`, row-major, rows in parallel.
-    fn decode_rows(&self, range: Range<usize>) -> Vec<f32> {
+    pub(crate) fn decode_rows(&self, range: Range<usize>) -> Vec<f32> {
         let row_bytes = self.row_bytes();
         let bytes = &self.blocks[range.start * row_bytes..range.end * row_bytes];
         let mut values = vec![0.0f32; range.len() * self.cols];
@@ -136,7 +138,7 @@ impl QuantisedMatrix {
 
     /// The row ranges a product decodes one after the other: at most [`DECODED_VALUES`]
     /// values each (at least one row).
-    fn row_chunks(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+    pub(crate) fn row_chunks(&self) -> impl Iterator<Item = Range<usize>> + '_ {
         let step = (DECODED_VALUES / self.cols).max(1);
         (0..self.rows)
             .step_by(step)
@@ -223,7 +225,7 @@ impl QuantisedMatrix {
     /// - output: `[..., rows]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();
-        if !crate::model::host_kernels::runs_on_flex(&x.device(), x.dtype()) {
+        if !runs_on_flex(&x.device(), x.dtype()) {
             let weight = self
                 .to_host()
                 .transposed()
@@ -232,7 +234,7 @@ impl QuantisedMatrix {
             return linear(x, weight, None);
         }
         let n = dims[..D - 1].iter().product();
-        let y = flex::linear(x.reshape([n, self.cols]), self);
+        let y = frozen_matmul::quantised_linear(x.reshape([n, self.cols]), self);
         let mut out = dims;
         out[D - 1] = self.rows;
         y.reshape(out)
@@ -284,170 +286,3 @@ impl ModuleDisplayDefault for QuantisedMatrix {
 }
 
 impl ModuleDisplay for QuantisedMatrix {}
-
-#[cfg(feature = "flex")]
-mod flex {
-    use burn::backend::autodiff::checkpoint::base::Checkpointer;
-    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-    use burn::backend::autodiff::grads::Gradients;
-    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-    use burn::backend::tensor::FloatTensor;
-    use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
-    use burn::tensor::Tensor;
-
-    use super::QuantisedMatrix;
-    use crate::model::host_kernels::{tensor, values};
-
-    #[backend_extension(Flex, Autodiff)]
-    pub trait QuantisedOps: Backend {
-        /// `x Mᵀ` for `x` `[n, cols]`.
-        fn quantised_linear(x: FloatTensor<Self>, weight: QuantisedMatrix) -> FloatTensor<Self>;
-    }
-
-    pub(super) fn linear(x: Tensor<2>, weight: &QuantisedMatrix) -> Tensor<2> {
-        Tensor::from_dispatch(<Dispatch as QuantisedOps>::quantised_linear(
-            x.into_dispatch(),
-            weight.clone(),
-        ))
-    }
-
-    /// Multi-threaded for products as large as those flex's own matmul splits.
-    fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
-        if m * n * k >= 192 * 192 * 192 {
-            gemm::Parallelism::Rayon(0)
-        } else {
-            gemm::Parallelism::None
-        }
-    }
-
-    /// `y = x Mᵀ` for row-major `x` `[n, cols]`: each chunk of rows of `M` is decoded and
-    /// multiplied straight into its columns of `y`.
-    fn forward(x: &[f32], weight: &QuantisedMatrix) -> Vec<f32> {
-        let [rows, cols] = weight.shape();
-        let n = x.len() / cols;
-        let mut y = vec![0.0f32; n * rows];
-        for chunk in weight.row_chunks() {
-            let w = weight.decode_rows(chunk.clone());
-            let width = chunk.len();
-            // SAFETY: dst is columns `chunk` of the row-major `[n, rows]` `y` (row stride
-            // `rows`): its last element, (n - 1) * rows + chunk.end - 1, lies inside `y`. lhs
-            // is `x` `[n, cols]` (row stride `cols`); rhs is `wᵀ` `[cols, width]`, element
-            // (k, j) at w[j * cols + k], inside the `width * cols` values of `w`.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    width,
-                    cols,
-                    y.as_mut_ptr().add(chunk.start),
-                    1,
-                    rows as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    cols as isize,
-                    w.as_ptr(),
-                    cols as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(n, width, cols),
-                );
-            }
-        }
-        y
-    }
-
-    /// `dx = dy M` for row-major `dy` `[n, rows]`, summed over the chunks of rows of `M`.
-    fn backward(dy: &[f32], weight: &QuantisedMatrix) -> Vec<f32> {
-        let [rows, cols] = weight.shape();
-        let n = dy.len() / rows;
-        let mut dx = vec![0.0f32; n * cols];
-        for chunk in weight.row_chunks() {
-            let w = weight.decode_rows(chunk.clone());
-            let width = chunk.len();
-            // SAFETY: dst is the whole row-major `[n, cols]` `dx`; lhs is columns `chunk` of
-            // the row-major `[n, rows]` `dy` (last element (n - 1) * rows + chunk.end - 1,
-            // inside `dy`); rhs is `w` `[width, cols]`, row-major.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    cols,
-                    width,
-                    dx.as_mut_ptr(),
-                    1,
-                    cols as isize,
-                    chunk.start > 0,
-                    dy.as_ptr().add(chunk.start),
-                    1,
-                    rows as isize,
-                    w.as_ptr(),
-                    1,
-                    cols as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(n, cols, width),
-                );
-            }
-        }
-        dx
-    }
-
-    impl QuantisedOps for Flex {
-        fn quantised_linear(x: FloatTensor<Self>, weight: QuantisedMatrix) -> FloatTensor<Self> {
-            let x = x.to_contiguous();
-            let y = forward(values(&x), &weight);
-            let n = y.len() / weight.rows;
-            tensor(y, [n, weight.rows])
-        }
-    }
-
-    /// Keeps only the matrix (its shared blocks) for the backward: no `f32` copy of it.
-    #[derive(Debug)]
-    struct QuantisedLinearBackward;
-
-    impl Backward<Flex, 1> for QuantisedLinearBackward {
-        type State = QuantisedMatrix;
-
-        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let weight = ops.state;
-            unary::<Flex, _>(ops.parents, ops.node, grads, |dy| {
-                let dy = dy.to_contiguous();
-                let dx = backward(values(&dy), &weight);
-                let n = dx.len() / weight.cols;
-                tensor(dx, [n, weight.cols])
-            });
-        }
-    }
-
-    impl<C: CheckpointStrategy> QuantisedOps for Autodiff<Flex, C> {
-        fn quantised_linear(x: FloatTensor<Self>, weight: QuantisedMatrix) -> FloatTensor<Self> {
-            let guard = x.node();
-            let y = Flex::quantised_linear(x.into_primitive(), weight.clone());
-            match QuantisedLinearBackward
-                .prepare::<C>([guard])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(weight, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            }
-        }
-    }
-}
-
-#[cfg(not(feature = "flex"))]
-mod flex {
-    use burn::tensor::Tensor;
-
-    use super::QuantisedMatrix;
-
-    pub(super) fn linear(_: Tensor<2>, _: &QuantisedMatrix) -> Tensor<2> {
-        unreachable!("only a flex tensor takes this path")
-    }
-}
