@@ -231,28 +231,38 @@ impl CausalLm {
             }
             Ok(Some(matrix))
         };
-        let (embed, tied_head) = match load_quantised(&top_specs[0])? {
-            Some(matrix) => (
-                TokenEmbedding::Quantised(matrix.clone()),
-                FrozenWeight::Quantised(matrix),
-            ),
-            None => {
-                let table = load(&top_specs[0])?;
-                let head = FrozenWeight::dense(table.transposed()?.to_tensor(device)?);
-                let embedding = Embedding {
-                    weight: Param::from_tensor(table.to_tensor(device)?).set_require_grad(false),
-                };
-                (TokenEmbedding::Dense(embedding), head)
+        // A matrix as the source keeps it: quantised blocks, or decoded values.
+        enum Stored {
+            Blocks(QuantisedMatrix),
+            Values(HostTensor),
+        }
+        let stored = |spec: &TensorSpec| -> Result<Stored> {
+            match load_quantised(spec)? {
+                Some(matrix) => Ok(Stored::Blocks(matrix)),
+                None => Ok(Stored::Values(load(spec)?)),
             }
         };
-        let norm = frozen_norm(&load(&top_specs[1])?, config.rms_norm_eps, device)?;
-        let lm_head = match top_specs.get(2) {
-            None => tied_head,
-            Some(spec) => match load_quantised(spec)? {
-                Some(matrix) => FrozenWeight::Quantised(matrix),
-                None => FrozenWeight::dense(load(spec)?.transposed()?.to_tensor(device)?),
-            },
+        // The head is `[hidden, vocab]` in burn's layout: a decoded one is transposed once.
+        let head = |matrix: &Stored| -> Result<FrozenWeight> {
+            Ok(match matrix {
+                Stored::Blocks(blocks) => FrozenWeight::Quantised(blocks.clone()),
+                Stored::Values(values) => {
+                    FrozenWeight::dense(values.transposed()?.to_tensor(device)?)
+                }
+            })
         };
+        let table = stored(&top_specs[0])?;
+        let lm_head = match top_specs.get(2) {
+            Some(spec) => head(&stored(spec)?)?,
+            None => head(&table)?,
+        };
+        let embed = match table {
+            Stored::Blocks(blocks) => TokenEmbedding::Quantised(blocks),
+            Stored::Values(values) => TokenEmbedding::Dense(Embedding {
+                weight: Param::from_tensor(values.to_tensor(device)?).set_require_grad(false),
+            }),
+        };
+        let norm = frozen_norm(&load(&top_specs[1])?, config.rms_norm_eps, device)?;
         let mut layers = Vec::new();
         for i in 0..config.num_layers {
             let prefix = layer_prefix(i);

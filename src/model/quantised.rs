@@ -4,11 +4,11 @@
 //! [`QuantisedMatrix`] multiplies without ever holding all of its `f32` values: the forward
 //! pass `x Mᵀ` and the backward pass for the input, `dy M`, decode a few rows at a time (at
 //! most [`DECODED_VALUES`] values, 4 MiB) and hand each slice to the matmul kernel, so a
-//! 4-bit base costs about a seventh of its `f32` size in memory during training too. On
+//! 4-bit base costs about a sixth of its `f32` size in memory during training too. On
 //! burn's flex backend this is a custom op with a hand-written backward whose saved state is
 //! the blocks themselves (an `Arc`), not a dequantised copy (`docs/custom-ops.md` explains the
 //! route and why burn's own quantised tensors do not fit). On other backends the matrix is
-//! decoded whole for each product, which is correct but keeps no memory.
+//! decoded whole for each product, which is correct but saves no memory.
 
 use std::fmt;
 use std::ops::Range;

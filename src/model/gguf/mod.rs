@@ -646,7 +646,7 @@ pub enum BaseWeights {
     F32,
     /// The projection weights, the token embedding and the LM head kept in the file's own
     /// blocks ([`crate::model::QuantisedMatrix`]; those the file stores as F32 are decoded);
-    /// norms and adapters are `f32`. About a seventh of the `f32` memory for a 4-bit file.
+    /// norms and adapters are `f32`. About a sixth of the `f32` memory for a 4-bit file.
     Quantised,
 }
 
