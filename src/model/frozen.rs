@@ -6,7 +6,7 @@ use burn::nn::Embedding;
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::model::frozen_matmul;
+use crate::model::frozen_matmul::{self, FrozenBase, on_rows};
 use crate::model::host_kernels::runs_on_flex;
 use crate::model::quantised::QuantisedMatrix;
 use crate::params::HostTensor;
@@ -88,26 +88,32 @@ impl FrozenWeight {
                 if !runs_on_flex(&x.device(), x.dtype()) || weight.is_require_grad() {
                     return linear(x, weight, bias);
                 }
-                let dims = x.dims();
-                let [d_in, d_out] = weight.dims();
-                let n = dims[..D - 1].iter().product();
-                let y = frozen_matmul::dense_linear(x.reshape([n, d_in]), weight);
-                let mut out = dims;
-                out[D - 1] = d_out;
-                let y = y.reshape(out);
-                match bias {
-                    Some(bias) => y + bias.unsqueeze(),
-                    None => y,
-                }
+                let d_out = weight.dims()[1];
+                let y = on_rows(x, d_out, |x| frozen_matmul::dense_linear(x, weight));
+                with_bias(y, bias)
             }
-            FrozenWeight::Quantised(matrix) => {
-                let y = matrix.forward(x);
-                match bias {
-                    Some(bias) => y + bias.unsqueeze(),
-                    None => y,
-                }
-            }
+            FrozenWeight::Quantised(matrix) => with_bias(matrix.forward(x), bias),
         }
+    }
+
+    /// The weight as the fused LoRA op takes it, or `None` when that op cannot serve: a dense
+    /// weight someone made trainable again.
+    pub(crate) fn frozen_base(&self) -> Option<FrozenBase> {
+        match self {
+            FrozenWeight::Dense(weight) => {
+                let weight = weight.val();
+                (!weight.is_require_grad()).then_some(FrozenBase::Dense(weight))
+            }
+            FrozenWeight::Quantised(matrix) => Some(FrozenBase::Quantised(matrix.clone())),
+        }
+    }
+}
+
+/// `y + bias` with the bias broadcast over the leading dimensions.
+pub(crate) fn with_bias<const D: usize>(y: Tensor<D>, bias: Option<Tensor<1>>) -> Tensor<D> {
+    match bias {
+        Some(bias) => y + bias.unsqueeze(),
+        None => y,
     }
 }
 

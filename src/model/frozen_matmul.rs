@@ -41,6 +41,53 @@ pub(crate) fn dense_linear(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
     }
 }
 
+/// `x W + s (x A) B` for `x` `[n, d_in]`, a frozen base `W` (`[d_in, d_out]` `f32`, or a
+/// quantised `[d_out, d_in]` matrix), and a trainable LoRA pair `A` `[d_in, r]`, `B`
+/// `[r, d_out]` on flex: one op whose result buffer takes the low-rank update in place, and
+/// whose backward gives `x`, `A` and `B` their gradients (the base none).
+pub(crate) fn lora_linear(
+    x: Tensor<2>,
+    base: FrozenBase,
+    a: Tensor<2>,
+    b: Tensor<2>,
+    scaling: f64,
+) -> Tensor<2> {
+    #[cfg(feature = "flex")]
+    {
+        flex::lora_linear(x, base, a, b, scaling)
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (x, base, a, b, scaling);
+        unreachable!("only a flex tensor takes this path")
+    }
+}
+
+/// `f` applied to `x` `[..., d_in]` folded into rows `[n, d_in]`, its `[n, d_out]` result
+/// unfolded to `[..., d_out]`.
+pub(crate) fn on_rows<const D: usize>(
+    x: Tensor<D>,
+    d_out: usize,
+    f: impl FnOnce(Tensor<2>) -> Tensor<2>,
+) -> Tensor<D> {
+    let mut dims = x.dims();
+    let d_in = dims[D - 1];
+    let n = dims[..D - 1].iter().product();
+    let y = f(x.reshape([n, d_in]));
+    dims[D - 1] = d_out;
+    y.reshape(dims)
+}
+
+/// The frozen weight of [`lora_linear`] (made for one call and moved into it, so the size
+/// of a tensor handle in one variant costs nothing worth a box).
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum FrozenBase {
+    /// `W` `[d_in, d_out]`.
+    Dense(Tensor<2>),
+    /// `M` `[d_out, d_in]`.
+    Quantised(QuantisedMatrix),
+}
+
 #[cfg(feature = "flex")]
 mod flex {
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -60,6 +107,22 @@ mod flex {
         fn quantised_linear(x: FloatTensor<Self>, weight: QuantisedMatrix) -> FloatTensor<Self>;
         /// `x W` for `x` `[n, d_in]`, `W` `[d_in, d_out]` frozen (no gradient).
         fn dense_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+        /// `x W + s (x A) B`, `W` frozen.
+        fn lora_dense_linear(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            scaling: f64,
+        ) -> FloatTensor<Self>;
+        /// `x Mᵀ + s (x A) B`.
+        fn lora_quantised_linear(
+            x: FloatTensor<Self>,
+            weight: QuantisedMatrix,
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            scaling: f64,
+        ) -> FloatTensor<Self>;
     }
 
     pub(super) fn quantised_linear(x: Tensor<2>, weight: &QuantisedMatrix) -> Tensor<2> {
@@ -67,6 +130,28 @@ mod flex {
             x.into_dispatch(),
             weight.clone(),
         ))
+    }
+
+    pub(super) fn lora_linear(
+        x: Tensor<2>,
+        base: super::FrozenBase,
+        a: Tensor<2>,
+        b: Tensor<2>,
+        scaling: f64,
+    ) -> Tensor<2> {
+        let (x, a, b) = (x.into_dispatch(), a.into_dispatch(), b.into_dispatch());
+        Tensor::from_dispatch(match base {
+            super::FrozenBase::Dense(weight) => <Dispatch as FrozenMatmulOps>::lora_dense_linear(
+                x,
+                weight.into_dispatch(),
+                a,
+                b,
+                scaling,
+            ),
+            super::FrozenBase::Quantised(weight) => {
+                <Dispatch as FrozenMatmulOps>::lora_quantised_linear(x, weight, a, b, scaling)
+            }
+        })
     }
 
     pub(super) fn dense_linear(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
@@ -115,7 +200,23 @@ mod flex {
     /// `[k, n]`, multi-threaded for products as large as those flex's own matmul splits.
     #[allow(clippy::too_many_arguments)]
     fn matmul_into(
+        mnk: [usize; 3],
+        dst: &mut [f32],
+        dst_at: Strided,
+        accumulate: bool,
+        lhs: &[f32],
+        lhs_at: Strided,
+        rhs: &[f32],
+        rhs_at: Strided,
+    ) {
+        scaled_matmul_into(mnk, 1.0, dst, dst_at, accumulate, lhs, lhs_at, rhs, rhs_at);
+    }
+
+    /// [`matmul_into`] of `scale lhs rhs`.
+    #[allow(clippy::too_many_arguments)]
+    fn scaled_matmul_into(
         [m, n, k]: [usize; 3],
+        scale: f32,
         dst: &mut [f32],
         dst_at: Strided,
         accumulate: bool,
@@ -153,7 +254,7 @@ mod flex {
                 rhs_at.col_stride as isize,
                 rhs_at.row_stride as isize,
                 1.0,
-                1.0,
+                scale,
                 false,
                 false,
                 false,
@@ -247,7 +348,112 @@ mod flex {
         dx
     }
 
+    /// The frozen part of a LoRA product, as its backward keeps it.
+    #[derive(Clone, Debug)]
+    enum Base {
+        Dense(FloatTensor<Flex>),
+        Quantised(QuantisedMatrix),
+    }
+
+    impl Base {
+        /// `[d_in, d_out]`.
+        fn dims(&self) -> [usize; 2] {
+            match self {
+                Base::Dense(weight) => dims(weight),
+                Base::Quantised(matrix) => {
+                    let [rows, cols] = matrix.shape();
+                    [cols, rows]
+                }
+            }
+        }
+
+        fn forward(&self, x: &[f32]) -> Vec<f32> {
+            match self {
+                Base::Dense(weight) => dense_forward(x, weight),
+                Base::Quantised(matrix) => quantised_forward(x, matrix),
+            }
+        }
+
+        fn backward(&self, dy: &[f32]) -> Vec<f32> {
+            match self {
+                Base::Dense(weight) => dense_backward(dy, weight),
+                Base::Quantised(matrix) => quantised_backward(dy, matrix),
+            }
+        }
+    }
+
+    /// `(y, x A)` with `y = base(x) + s (x A) B`, the update accumulated into `y` in place.
+    fn lora_forward(
+        base: &Base,
+        x: &[f32],
+        a: &FloatTensor<Flex>,
+        b: &FloatTensor<Flex>,
+        scaling: f32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let [d_in, d_out] = base.dims();
+        let r = dims(a)[1];
+        let n = x.len() / d_in;
+        let mut y = base.forward(x);
+        let mut xa = vec![0.0f32; n * r];
+        matmul_into(
+            [n, r, d_in],
+            &mut xa,
+            Strided::row_major(0, r),
+            false,
+            x,
+            Strided::row_major(0, d_in),
+            values(a),
+            Strided::row_major(0, r),
+        );
+        scaled_matmul_into(
+            [n, d_out, r],
+            scaling,
+            &mut y,
+            Strided::row_major(0, d_out),
+            true,
+            &xa,
+            Strided::row_major(0, r),
+            values(b),
+            Strided::row_major(0, d_out),
+        );
+        (y, xa)
+    }
+
+    fn lora_flex(
+        x: FloatTensor<Flex>,
+        base: Base,
+        a: FloatTensor<Flex>,
+        b: FloatTensor<Flex>,
+        scaling: f64,
+    ) -> FloatTensor<Flex> {
+        let (a, b) = (a.to_contiguous(), b.to_contiguous());
+        let (y, _) = lora_forward(&base, values(&x.to_contiguous()), &a, &b, scaling as f32);
+        let d_out = base.dims()[1];
+        let n = y.len() / d_out;
+        tensor(y, [n, d_out])
+    }
+
     impl FrozenMatmulOps for Flex {
+        fn lora_dense_linear(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            scaling: f64,
+        ) -> FloatTensor<Self> {
+            lora_flex(x, Base::Dense(weight.to_contiguous()), a, b, scaling)
+        }
+
+        fn lora_quantised_linear(
+            x: FloatTensor<Self>,
+            weight: QuantisedMatrix,
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            scaling: f64,
+        ) -> FloatTensor<Self> {
+            lora_flex(x, Base::Quantised(weight), a, b, scaling)
+        }
+
         fn quantised_linear(x: FloatTensor<Self>, weight: QuantisedMatrix) -> FloatTensor<Self> {
             let y = quantised_forward(values(&x.to_contiguous()), &weight);
             let rows = weight.shape()[0];
@@ -300,7 +506,158 @@ mod flex {
         }
     }
 
+    /// What the LoRA backward keeps: the base as stored, `x`, `x A`, `A`, `B` and `s`.
+    #[derive(Clone, Debug)]
+    struct LoraState {
+        base: Base,
+        x: FloatTensor<Flex>,
+        xa: FloatTensor<Flex>,
+        a: FloatTensor<Flex>,
+        b: FloatTensor<Flex>,
+        scaling: f32,
+    }
+
+    #[derive(Debug)]
+    struct LoraLinearBackward;
+
+    impl Backward<Flex, 3> for LoraLinearBackward {
+        type State = LoraState;
+
+        /// With `g = dy Bᵀ`: `dx = base'(dy) + s g Aᵀ`, `dA = s xᵀ g`, `dB = s (x A)ᵀ dy`,
+        /// each computed only for an input that needs it.
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [x_node, a_node, b_node] = ops.parents;
+            let state = ops.state;
+            let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
+            let dy = values(&dy);
+            let [d_in, d_out] = state.base.dims();
+            let r = dims(&state.a)[1];
+            let n = dy.len() / d_out;
+            let s = state.scaling;
+            let mut g = vec![0.0f32; n * r];
+            if x_node.is_some() || a_node.is_some() {
+                matmul_into(
+                    [n, r, d_out],
+                    &mut g,
+                    Strided::row_major(0, r),
+                    false,
+                    dy,
+                    Strided::row_major(0, d_out),
+                    values(&state.b),
+                    Strided::column_major(d_out),
+                );
+            }
+            if let Some(node) = x_node {
+                let mut dx = state.base.backward(dy);
+                scaled_matmul_into(
+                    [n, d_in, r],
+                    s,
+                    &mut dx,
+                    Strided::row_major(0, d_in),
+                    true,
+                    &g,
+                    Strided::row_major(0, r),
+                    values(&state.a),
+                    Strided::column_major(r),
+                );
+                grads.register::<Flex>(node.id, tensor(dx, [n, d_in]));
+            }
+            if let Some(node) = a_node {
+                let mut da = vec![0.0f32; d_in * r];
+                scaled_matmul_into(
+                    [d_in, r, n],
+                    s,
+                    &mut da,
+                    Strided::row_major(0, r),
+                    false,
+                    values(&state.x),
+                    Strided::column_major(d_in),
+                    &g,
+                    Strided::row_major(0, r),
+                );
+                grads.register::<Flex>(node.id, tensor(da, [d_in, r]));
+            }
+            if let Some(node) = b_node {
+                let mut db = vec![0.0f32; r * d_out];
+                scaled_matmul_into(
+                    [r, d_out, n],
+                    s,
+                    &mut db,
+                    Strided::row_major(0, d_out),
+                    false,
+                    values(&state.xa),
+                    Strided::column_major(r),
+                    dy,
+                    Strided::row_major(0, d_out),
+                );
+                grads.register::<Flex>(node.id, tensor(db, [r, d_out]));
+            }
+        }
+    }
+
+    fn lora_autodiff<C: CheckpointStrategy>(
+        x: FloatTensor<Autodiff<Flex, C>>,
+        base: Base,
+        a: FloatTensor<Autodiff<Flex, C>>,
+        b: FloatTensor<Autodiff<Flex, C>>,
+        scaling: f64,
+    ) -> FloatTensor<Autodiff<Flex, C>> {
+        let nodes = [x.node(), a.node(), b.node()];
+        let x = x.into_primitive().to_contiguous();
+        let a = a.into_primitive().to_contiguous();
+        let b = b.into_primitive().to_contiguous();
+        let (y, xa) = lora_forward(&base, values(&x), &a, &b, scaling as f32);
+        let [_, d_out] = base.dims();
+        let n = y.len() / d_out;
+        let r = dims(&a)[1];
+        let y = tensor(y, [n, d_out]);
+        match LoraLinearBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let xa = tensor(xa, [n, r]);
+                let scaling = scaling as f32;
+                prep.finish(
+                    LoraState {
+                        base,
+                        x,
+                        xa,
+                        a,
+                        b,
+                        scaling,
+                    },
+                    y,
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     impl<C: CheckpointStrategy> FrozenMatmulOps for Autodiff<Flex, C> {
+        fn lora_dense_linear(
+            x: FloatTensor<Self>,
+            weight: FloatTensor<Self>,
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            scaling: f64,
+        ) -> FloatTensor<Self> {
+            // The weight is frozen: it gets no parent node, so no gradient is made for it.
+            let weight = weight.into_primitive().to_contiguous();
+            lora_autodiff::<C>(x, Base::Dense(weight), a, b, scaling)
+        }
+
+        fn lora_quantised_linear(
+            x: FloatTensor<Self>,
+            weight: QuantisedMatrix,
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            scaling: f64,
+        ) -> FloatTensor<Self> {
+            lora_autodiff::<C>(x, Base::Quantised(weight), a, b, scaling)
+        }
+
         fn quantised_linear(x: FloatTensor<Self>, weight: QuantisedMatrix) -> FloatTensor<Self> {
             let guard = x.node();
             let y = Flex::quantised_linear(x.into_primitive(), weight.clone());

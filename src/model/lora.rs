@@ -17,7 +17,9 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::model::frozen::FrozenWeight;
+use crate::model::frozen::{FrozenWeight, with_bias};
+use crate::model::frozen_matmul::{lora_linear, on_rows};
+use crate::model::host_kernels::runs_on_flex;
 use crate::params::HostTensor;
 
 /// The seven projections of a Llama-family decoder layer that LoRA can target.
@@ -261,9 +263,19 @@ impl LoraLinear {
     /// - input: `[..., d_in]`
     /// - output: `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let base = self
-            .weight
-            .linear(x.clone(), self.bias.as_ref().map(|b| b.val()));
+        let bias = self.bias.as_ref().map(|b| b.val());
+        // On flex, without dropout: one op, the update added into the base's result in place.
+        let fused = self.adapter.as_ref().and_then(|adapter| {
+            let usable = adapter.dropout.prob == 0.0 && runs_on_flex(&x.device(), x.dtype());
+            Some((adapter, self.weight.frozen_base().filter(|_| usable)?))
+        });
+        if let Some((adapter, base)) = fused {
+            let (a, b) = (adapter.a.val(), adapter.b.val());
+            let d_out = self.dims()[1];
+            let y = on_rows(x, d_out, |x| lora_linear(x, base, a, b, adapter.scaling));
+            return with_bias(y, bias);
+        }
+        let base = self.weight.linear(x.clone(), bias);
         match &self.adapter {
             None => base,
             Some(adapter) => {

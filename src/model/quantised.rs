@@ -22,7 +22,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::frozen_matmul;
+use crate::model::frozen_matmul::{self, on_rows};
 use crate::model::gguf::{GgufType, dequantize_into};
 use crate::model::host_kernels::runs_on_flex;
 use crate::params::HostTensor;
@@ -224,7 +224,6 @@ impl QuantisedMatrix {
     /// - x: `[..., cols]`
     /// - output: `[..., rows]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let dims = x.dims();
         if !runs_on_flex(&x.device(), x.dtype()) {
             let weight = self
                 .to_host()
@@ -233,11 +232,7 @@ impl QuantisedMatrix {
                 .expect("a 2-D matrix");
             return linear(x, weight, None);
         }
-        let n = dims[..D - 1].iter().product();
-        let y = frozen_matmul::quantised_linear(x.reshape([n, self.cols]), self);
-        let mut out = dims;
-        out[D - 1] = self.rows;
-        y.reshape(out)
+        on_rows(x, self.rows, |x| frozen_matmul::quantised_linear(x, self))
     }
 }
 
