@@ -448,3 +448,30 @@ fn lora_layers_on_either_base_equal_burn_ops() {
         }
     }
 }
+
+/// A block whose scale is NaN decodes to NaN: loading the quantised base refuses it by name,
+/// like the f32 loader does, before any training can spread it.
+#[test]
+fn a_nan_block_scale_is_refused_when_kept_quantised() {
+    let params = ParamMap::load_safetensors(tiny_llama_dir().join("model.safetensors")).unwrap();
+    let bytes = tiny_llama_gguf(&params, |name, dims, values| {
+        if dims.len() != 2 || !dims[0].is_multiple_of(32) {
+            return f32_bytes(values);
+        }
+        let mut blocks = quantise_q8_0(values);
+        if name == "model.layers.3.mlp.up_proj.weight" {
+            blocks[34 * 5..34 * 5 + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+        }
+        (8, blocks)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nan.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    for base in [BaseWeights::F32, BaseWeights::Quantised] {
+        let err = CausalLm::from_gguf_with(&path, base, &device()).unwrap_err();
+        match err {
+            Error::NonFinite { name } => assert_eq!(name, "model.layers.3.mlp.up_proj.weight"),
+            other => panic!("{base:?}: {other}"),
+        }
+    }
+}
