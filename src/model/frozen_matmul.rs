@@ -1,6 +1,7 @@
 //! Products with a frozen weight on burn's flex backend: `x W` for an `f32` weight and `x Mᵀ`
 //! for a quantised one ([`QuantisedMatrix`]), as custom ops whose backward computes the
-//! input's gradient only and keeps the weight as it is stored (`docs/custom-ops.md`).
+//! input's gradient only and keeps the weight as it is stored (`docs/custom-ops.md`); and a
+//! LoRA layer over either, `x W + s (x A) B` in one op ([`lora_linear`]).
 //!
 //! Both write their results with the `gemm` crate (the kernel flex's own matmul calls)
 //! straight into buffers they hand to flex without a copy. flex's matmul does the same
