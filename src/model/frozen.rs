@@ -6,7 +6,7 @@ use burn::nn::Embedding;
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::model::frozen_matmul::{self, FrozenBase, on_rows};
+use crate::model::frozen_matmul::{FrozenBase, frozen_linear, on_rows};
 use crate::model::host_kernels::runs_on_flex;
 use crate::model::quantised::QuantisedMatrix;
 use crate::params::HostTensor;
@@ -89,8 +89,8 @@ impl FrozenWeight {
                     return linear(x, weight, bias);
                 }
                 let d_out = weight.dims()[1];
-                let y = on_rows(x, d_out, |x| frozen_matmul::dense_linear(x, weight));
-                with_bias(y, bias)
+                let base = FrozenBase::Dense(weight);
+                with_bias(on_rows(x, d_out, |x| frozen_linear(x, base)), bias)
             }
             FrozenWeight::Quantised(matrix) => with_bias(matrix.forward(x), bias),
         }

@@ -16,28 +16,15 @@ use burn::tensor::Tensor;
 
 use crate::model::quantised::QuantisedMatrix;
 
-/// `x Mᵀ` for `x` `[n, cols]` on flex.
-pub(crate) fn quantised_linear(x: Tensor<2>, weight: &QuantisedMatrix) -> Tensor<2> {
+/// `x W` for `x` `[n, d_in]` and a frozen base on flex (`x Mᵀ` for a quantised `M`).
+pub(crate) fn frozen_linear(x: Tensor<2>, base: FrozenBase) -> Tensor<2> {
     #[cfg(feature = "flex")]
     {
-        flex::quantised_linear(x, weight)
+        flex::frozen_linear(x, base)
     }
     #[cfg(not(feature = "flex"))]
     {
-        let _ = (x, weight);
-        unreachable!("only a flex tensor takes this path")
-    }
-}
-
-/// `x W` for `x` `[n, d_in]` and a frozen `W` `[d_in, d_out]` on flex.
-pub(crate) fn dense_linear(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
-    #[cfg(feature = "flex")]
-    {
-        flex::dense_linear(x, weight)
-    }
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = (x, weight);
+        let _ = (x, base);
         unreachable!("only a flex tensor takes this path")
     }
 }
@@ -79,7 +66,7 @@ pub(crate) fn on_rows<const D: usize>(
     y.reshape(dims)
 }
 
-/// The frozen weight of [`lora_linear`] (made for one call and moved into it, so the size
+/// The frozen weight of [`frozen_linear`] and [`lora_linear`] (made for one call and moved into it, so the size
 /// of a tensor handle in one variant costs nothing worth a box).
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum FrozenBase {
@@ -126,11 +113,16 @@ mod flex {
         ) -> FloatTensor<Self>;
     }
 
-    pub(super) fn quantised_linear(x: Tensor<2>, weight: &QuantisedMatrix) -> Tensor<2> {
-        Tensor::from_dispatch(<Dispatch as FrozenMatmulOps>::quantised_linear(
-            x.into_dispatch(),
-            weight.clone(),
-        ))
+    pub(super) fn frozen_linear(x: Tensor<2>, base: super::FrozenBase) -> Tensor<2> {
+        let x = x.into_dispatch();
+        Tensor::from_dispatch(match base {
+            super::FrozenBase::Dense(weight) => {
+                <Dispatch as FrozenMatmulOps>::dense_linear(x, weight.into_dispatch())
+            }
+            super::FrozenBase::Quantised(weight) => {
+                <Dispatch as FrozenMatmulOps>::quantised_linear(x, weight)
+            }
+        })
     }
 
     pub(super) fn lora_linear(
@@ -153,13 +145,6 @@ mod flex {
                 <Dispatch as FrozenMatmulOps>::lora_quantised_linear(x, weight, a, b, scaling)
             }
         })
-    }
-
-    pub(super) fn dense_linear(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
-        Tensor::from_dispatch(<Dispatch as FrozenMatmulOps>::dense_linear(
-            x.into_dispatch(),
-            weight.into_dispatch(),
-        ))
     }
 
     /// A matrix inside a slice: the offset of its first element and its row and column
@@ -420,6 +405,14 @@ mod flex {
         (y, xa)
     }
 
+    /// `base(x)` for `x` `[n, d_in]`.
+    fn frozen_flex(x: FloatTensor<Flex>, base: &Base) -> FloatTensor<Flex> {
+        let y = base.forward(values(&x.to_contiguous()));
+        let d_out = base.dims()[1];
+        let n = y.len() / d_out;
+        tensor(y, [n, d_out])
+    }
+
     fn lora_flex(
         x: FloatTensor<Flex>,
         base: Base,
@@ -456,51 +449,27 @@ mod flex {
         }
 
         fn quantised_linear(x: FloatTensor<Self>, weight: QuantisedMatrix) -> FloatTensor<Self> {
-            let y = quantised_forward(values(&x.to_contiguous()), &weight);
-            let rows = weight.shape()[0];
-            let n = y.len() / rows;
-            tensor(y, [n, rows])
+            frozen_flex(x, &Base::Quantised(weight))
         }
 
         fn dense_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-            let weight = weight.to_contiguous();
-            let y = dense_forward(values(&x.to_contiguous()), &weight);
-            let d_out = dims(&weight)[1];
-            let n = y.len() / d_out;
-            tensor(y, [n, d_out])
+            frozen_flex(x, &Base::Dense(weight.to_contiguous()))
         }
     }
 
-    /// Keeps only the quantised matrix (its shared blocks) for the backward.
+    /// Keeps only the base as stored (an `Arc` of the quantised blocks, or a shared handle to
+    /// the `f32` weight's storage) for the backward.
     #[derive(Debug)]
-    struct QuantisedLinearBackward;
+    struct FrozenLinearBackward;
 
-    impl Backward<Flex, 1> for QuantisedLinearBackward {
-        type State = QuantisedMatrix;
+    impl Backward<Flex, 1> for FrozenLinearBackward {
+        type State = Base;
 
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let weight = ops.state;
+            let base = ops.state;
             unary::<Flex, _>(ops.parents, ops.node, grads, |dy| {
-                let dx = quantised_backward(values(&dy.to_contiguous()), &weight);
-                let cols = weight.shape()[1];
-                let n = dx.len() / cols;
-                tensor(dx, [n, cols])
-            });
-        }
-    }
-
-    /// Keeps only the weight (a shared handle to its storage) for the backward.
-    #[derive(Debug)]
-    struct DenseLinearBackward;
-
-    impl Backward<Flex, 1> for DenseLinearBackward {
-        type State = FloatTensor<Flex>;
-
-        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let weight = ops.state;
-            unary::<Flex, _>(ops.parents, ops.node, grads, |dy| {
-                let dx = dense_backward(values(&dy.to_contiguous()), &weight);
-                let d_in = dims(&weight)[0];
+                let dx = base.backward(values(&dy.to_contiguous()));
+                let d_in = base.dims()[0];
                 let n = dx.len() / d_in;
                 tensor(dx, [n, d_in])
             });
@@ -596,6 +565,22 @@ mod flex {
         }
     }
 
+    fn frozen_autodiff<C: CheckpointStrategy>(
+        x: FloatTensor<Autodiff<Flex, C>>,
+        base: Base,
+    ) -> FloatTensor<Autodiff<Flex, C>> {
+        let guard = x.node();
+        let y = frozen_flex(x.into_primitive(), &base);
+        match FrozenLinearBackward
+            .prepare::<C>([guard])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(base, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     fn lora_autodiff<C: CheckpointStrategy>(
         x: FloatTensor<Autodiff<Flex, C>>,
         base: Base,
@@ -660,31 +645,13 @@ mod flex {
         }
 
         fn quantised_linear(x: FloatTensor<Self>, weight: QuantisedMatrix) -> FloatTensor<Self> {
-            let guard = x.node();
-            let y = Flex::quantised_linear(x.into_primitive(), weight.clone());
-            match QuantisedLinearBackward
-                .prepare::<C>([guard])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(weight, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            }
+            frozen_autodiff::<C>(x, Base::Quantised(weight))
         }
 
         fn dense_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-            let guard = x.node();
             // The weight is frozen: it gets no parent node, so no gradient is made for it.
             let weight = weight.into_primitive().to_contiguous();
-            let y = Flex::dense_linear(x.into_primitive(), weight.clone());
-            match DenseLinearBackward
-                .prepare::<C>([guard])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(weight, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            }
+            frozen_autodiff::<C>(x, Base::Dense(weight))
         }
     }
 }

@@ -22,7 +22,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::frozen_matmul::{self, on_rows};
+use crate::model::frozen_matmul::{FrozenBase, frozen_linear, on_rows};
 use crate::model::gguf::{GgufType, dequantize_into};
 use crate::model::host_kernels::runs_on_flex;
 use crate::params::HostTensor;
@@ -232,7 +232,8 @@ impl QuantisedMatrix {
                 .expect("a 2-D matrix");
             return linear(x, weight, None);
         }
-        on_rows(x, self.rows, |x| frozen_matmul::quantised_linear(x, self))
+        let base = FrozenBase::Quantised(self.clone());
+        on_rows(x, self.rows, |x| frozen_linear(x, base))
     }
 }
 
