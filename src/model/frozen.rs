@@ -56,11 +56,7 @@ impl FrozenWeight {
     pub fn to_tensor(&self, device: &Device) -> Tensor<2> {
         match self {
             FrozenWeight::Dense(weight) => weight.val(),
-            FrozenWeight::Quantised(matrix) => matrix
-                .to_host()
-                .transposed()
-                .and_then(|w| w.to_tensor(device))
-                .expect("a 2-D matrix"),
+            FrozenWeight::Quantised(matrix) => matrix.to_weight_tensor(device),
         }
     }
 

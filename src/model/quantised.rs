@@ -151,6 +151,15 @@ impl QuantisedMatrix {
         HostTensor::new(vec![self.rows, self.cols], values).expect("rows x cols values")
     }
 
+    /// The whole matrix decoded as a linear layer's weight in burn's `[cols, rows]` layout on
+    /// `device`.
+    pub(crate) fn to_weight_tensor(&self, device: &Device) -> Tensor<2> {
+        self.to_host()
+            .transposed()
+            .and_then(|w| w.to_tensor(device))
+            .expect("a 2-D matrix")
+    }
+
     /// Whether every value is finite (decoded a chunk of rows at a time).
     pub fn is_finite(&self) -> bool {
         self.row_chunks()
@@ -224,13 +233,9 @@ impl QuantisedMatrix {
     /// - x: `[..., cols]`
     /// - output: `[..., rows]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if !runs_on_flex(&x.device(), x.dtype()) {
-            let weight = self
-                .to_host()
-                .transposed()
-                .and_then(|w| w.to_tensor::<2>(&x.device()))
-                .expect("a 2-D matrix");
-            return linear(x, weight, None);
+        let device = x.device();
+        if !runs_on_flex(&device, x.dtype()) {
+            return linear(x, self.to_weight_tensor(&device), None);
         }
         let base = FrozenBase::Quantised(self.clone());
         on_rows(x, self.rows, |x| frozen_linear(x, base))
