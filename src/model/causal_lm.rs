@@ -196,39 +196,32 @@ impl CausalLm {
                 return Err(Error::MissingTensor { name });
             }
         }
-        let load = |spec: &TensorSpec| -> Result<HostTensor> {
-            let tensor = source.load_tensor(&spec.name)?;
-            if tensor.shape() != spec.shape.as_slice() {
+        // Every tensor read, decoded or kept in blocks, has its spec's shape and finite values.
+        let check = |spec: &TensorSpec, shape: &[usize], finite: &dyn Fn() -> bool| {
+            if shape != spec.shape.as_slice() {
                 return Err(Error::ShapeMismatch {
                     name: spec.name.clone(),
                     expected: spec.shape.clone(),
-                    found: tensor.shape().to_vec(),
+                    found: shape.to_vec(),
                 });
             }
-            if !tensor.is_finite() {
+            if !finite() {
                 return Err(Error::NonFinite {
                     name: spec.name.clone(),
                 });
             }
+            Ok(())
+        };
+        let load = |spec: &TensorSpec| -> Result<HostTensor> {
+            let tensor = source.load_tensor(&spec.name)?;
+            check(spec, tensor.shape(), &|| tensor.is_finite())?;
             Ok(tensor)
         };
-        // A weight the source keeps quantised is checked like a decoded one.
         let load_quantised = |spec: &TensorSpec| -> Result<Option<QuantisedMatrix>> {
             let Some(matrix) = source.load_quantised(&spec.name)? else {
                 return Ok(None);
             };
-            if matrix.shape().as_slice() != spec.shape.as_slice() {
-                return Err(Error::ShapeMismatch {
-                    name: spec.name.clone(),
-                    expected: spec.shape.clone(),
-                    found: matrix.shape().to_vec(),
-                });
-            }
-            if !matrix.is_finite() {
-                return Err(Error::NonFinite {
-                    name: spec.name.clone(),
-                });
-            }
+            check(spec, &matrix.shape(), &|| matrix.is_finite())?;
             Ok(Some(matrix))
         };
         // A matrix as the source keeps it: quantised blocks, or decoded values.
@@ -273,16 +266,17 @@ impl CausalLm {
                     name: format!("{prefix}{}", spec.name),
                     shape: spec.shape.clone(),
                 };
+                // Only projection weights may stay in blocks.
                 let projection = Projection::ALL
                     .into_iter()
                     .find(|p| spec.name == format!("{}.weight", p.path()));
-                match projection
-                    .map(|_| load_quantised(&full))
-                    .transpose()?
-                    .flatten()
-                {
-                    Some(matrix) => {
-                        quantised.insert(projection.expect("a projection"), matrix);
+                let blocks = match projection {
+                    Some(p) => load_quantised(&full)?.map(|matrix| (p, matrix)),
+                    None => None,
+                };
+                match blocks {
+                    Some((p, matrix)) => {
+                        quantised.insert(p, matrix);
                     }
                     None => params.insert(spec.name.clone(), load(&full)?),
                 }

@@ -143,12 +143,12 @@ impl DecoderLayer {
     }
 
     /// [`DecoderLayer::from_params`] with the weights of some projections kept quantised:
-    /// `params` then holds every tensor but those weights.
+    /// `params` then holds every tensor but those weights. The caller
+    /// ([`crate::model::CausalLm::from_source`]) has checked each matrix against its spec.
     ///
     /// # Errors
     ///
-    /// Those of [`DecoderLayer::from_params`], and [`Error::ShapeMismatch`] for a quantised
-    /// weight that is not `[out, in]` of its projection.
+    /// Those of [`DecoderLayer::from_params`].
     pub(crate) fn from_parts(
         config: &DecoderConfig,
         params: &ParamMap,
@@ -156,16 +156,6 @@ impl DecoderLayer {
         device: &Device,
     ) -> Result<Self> {
         let weight_name = |p: Projection| format!("{}.weight", p.path());
-        for (&p, matrix) in &quantised {
-            let [d_in, d_out] = projection_dims(config, p);
-            if matrix.shape() != [d_out, d_in] {
-                return Err(Error::ShapeMismatch {
-                    name: weight_name(p),
-                    expected: vec![d_out, d_in],
-                    found: matrix.shape().to_vec(),
-                });
-            }
-        }
         let specs: Vec<TensorSpec> = layer_tensor_specs(config)
             .into_iter()
             .filter(|s| !quantised.keys().any(|&p| s.name == weight_name(p)))
