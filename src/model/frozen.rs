@@ -143,16 +143,6 @@ impl TokenEmbedding {
             TokenEmbedding::Quantised(matrix) => matrix.to_host(),
         }
     }
-
-    /// The bytes the table takes in memory.
-    pub fn storage_bytes(&self) -> usize {
-        match self {
-            TokenEmbedding::Dense(embedding) => {
-                embedding.weight.shape().num_elements() * size_of::<f32>()
-            }
-            TokenEmbedding::Quantised(matrix) => matrix.storage_bytes(),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -265,10 +265,11 @@ impl LoraLinear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = self.bias.as_ref().map(|b| b.val());
         // On flex, without dropout: one op, the update added into the base's result in place.
-        let fused = self.adapter.as_ref().and_then(|adapter| {
-            let usable = adapter.dropout.prob == 0.0 && runs_on_flex(&x.device(), x.dtype());
-            Some((adapter, self.weight.frozen_base().filter(|_| usable)?))
-        });
+        let fused = self
+            .adapter
+            .as_ref()
+            .filter(|adapter| adapter.dropout.prob == 0.0 && runs_on_flex(&x.device(), x.dtype()))
+            .and_then(|adapter| Some((adapter, self.weight.frozen_base()?)));
         if let Some((adapter, base)) = fused {
             let (a, b) = (adapter.a.val(), adapter.b.val());
             let d_out = self.dims()[1];
