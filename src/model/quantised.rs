@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::model::frozen_matmul::{FrozenBase, frozen_linear, on_rows};
-use crate::model::gguf::{GgufType, dequantize_into};
+use crate::model::gguf::{GgufType, dequantize_into, reordered_rows};
 use crate::model::host_kernels::runs_on_flex;
 use crate::params::HostTensor;
 
@@ -184,14 +184,8 @@ impl QuantisedMatrix {
                 self.rows, self.rows
             )));
         }
-        let row_bytes = self.row_bytes();
-        let blocks: Vec<u8> = order
-            .iter()
-            .flat_map(|&r| &self.blocks[r * row_bytes..(r + 1) * row_bytes])
-            .copied()
-            .collect();
         Ok(Self {
-            blocks: blocks.into(),
+            blocks: reordered_rows(&self.blocks, self.row_bytes(), order).into(),
             ..self.clone()
         })
     }

@@ -513,17 +513,25 @@ fn unpermuted_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
     Ok(order)
 }
 
+/// The rows of `data` (each `row_len` items) in `order`: row `r` of the result is row
+/// `order[r]` of `data`. Serves decoded values and quantised blocks alike.
+pub(crate) fn reordered_rows<T: Copy>(data: &[T], row_len: usize, order: &[usize]) -> Vec<T> {
+    order
+        .iter()
+        .flat_map(|&src| &data[src * row_len..(src + 1) * row_len])
+        .copied()
+        .collect()
+}
+
 /// [`unpermuted_order`] applied to the rows of a decoded tensor.
 fn unpermute_rows(tensor: &HostTensor, heads: usize) -> Result<HostTensor> {
     let rows = tensor.shape()[0];
     let cols = tensor.len() / rows.max(1);
     let order = unpermuted_order(rows, heads)?;
-    let values = order
-        .iter()
-        .flat_map(|&src| &tensor.values()[src * cols..(src + 1) * cols])
-        .copied()
-        .collect();
-    HostTensor::new(tensor.shape().to_vec(), values)
+    HostTensor::new(
+        tensor.shape().to_vec(),
+        reordered_rows(tensor.values(), cols, &order),
+    )
 }
 
 impl GgufFile {
