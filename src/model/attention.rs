@@ -6,6 +6,8 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Tensor};
 
+use crate::model::causal_attention::{AttentionLayout, causal_attention};
+use crate::model::host_kernels::runs_on_flex;
 use crate::model::lora::LoraLinear;
 use crate::model::rope::apply_rotary;
 
@@ -28,6 +30,9 @@ pub struct AttentionContext {
     /// `true` where a query may not see a key, `[1, 1, seq, past + seq]`; `None` when every
     /// query sees every key (one new token, no window).
     pub mask: Option<Tensor<4, Bool>>,
+    /// The sliding window `mask` was built with, if any. A forward pass without a cache on
+    /// flex applies the causal mask and this window itself instead of reading `mask`.
+    pub window: Option<usize>,
 }
 
 /// Multi-head causal self-attention with GQA.
@@ -64,11 +69,24 @@ impl SelfAttention {
         cache: Option<&mut Option<LayerCache>>,
     ) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        if cache.is_none() && runs_on_flex(&q.device(), q.dtype()) {
+            let layout = AttentionLayout {
+                heads: self.num_heads,
+                kv_heads: self.num_kv_heads,
+                head_dim: self.head_dim,
+                window: context.window,
+            };
+            let out = causal_attention(q, k, v, &context.cos, &context.sin, layout);
+            return self.o_proj.forward(out);
+        }
         let heads =
             |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = heads(q, self.num_heads);
+        let k = heads(k, self.num_kv_heads);
+        let v = heads(v, self.num_kv_heads);
         let q = apply_rotary(q, &context.cos, &context.sin);
         let mut k = apply_rotary(k, &context.cos, &context.sin);
         let mut v = v;

@@ -651,6 +651,7 @@ impl CausalLm {
             cos,
             sin,
             mask: self.attention_mask(past, seq, &device),
+            window: self.config.sliding_window,
         };
         let mut x = self.embed_tokens.forward(input_ids);
         for (i, layer) in self.layers.iter().enumerate() {

@@ -86,7 +86,7 @@ mod flex {
     use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
     use burn::tensor::Tensor;
 
-    use crate::model::host_kernels::{tensor, values};
+    use crate::model::host_kernels::{Strided, matmul_into, scaled_matmul_into, tensor, values};
     use crate::model::quantised::QuantisedMatrix;
 
     #[backend_extension(Flex, Autodiff)]
@@ -147,108 +147,6 @@ mod flex {
         })
     }
 
-    /// A matrix inside a slice: the offset of its first element and its row and column
-    /// strides, in elements.
-    #[derive(Clone, Copy)]
-    struct Strided {
-        offset: usize,
-        row_stride: usize,
-        col_stride: usize,
-    }
-
-    impl Strided {
-        fn row_major(offset: usize, row_stride: usize) -> Self {
-            Self {
-                offset,
-                row_stride,
-                col_stride: 1,
-            }
-        }
-
-        fn column_major(col_stride: usize) -> Self {
-            Self {
-                offset: 0,
-                row_stride: 1,
-                col_stride,
-            }
-        }
-
-        /// Panics unless a `rows x cols` matrix laid out so fits in `len` elements.
-        fn check(&self, rows: usize, cols: usize, len: usize) {
-            let last = self.offset
-                + (rows.max(1) - 1) * self.row_stride
-                + (cols.max(1) - 1) * self.col_stride;
-            assert!(last < len, "a strided matrix reaches past its buffer");
-        }
-    }
-
-    /// `dst = lhs rhs` (`dst += lhs rhs` with `accumulate`) for `lhs` `[m, k]` and `rhs`
-    /// `[k, n]`, multi-threaded for products as large as those flex's own matmul splits.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_into(
-        mnk: [usize; 3],
-        dst: &mut [f32],
-        dst_at: Strided,
-        accumulate: bool,
-        lhs: &[f32],
-        lhs_at: Strided,
-        rhs: &[f32],
-        rhs_at: Strided,
-    ) {
-        scaled_matmul_into(mnk, 1.0, dst, dst_at, accumulate, lhs, lhs_at, rhs, rhs_at);
-    }
-
-    /// [`matmul_into`] of `scale lhs rhs`.
-    #[allow(clippy::too_many_arguments)]
-    fn scaled_matmul_into(
-        [m, n, k]: [usize; 3],
-        scale: f32,
-        dst: &mut [f32],
-        dst_at: Strided,
-        accumulate: bool,
-        lhs: &[f32],
-        lhs_at: Strided,
-        rhs: &[f32],
-        rhs_at: Strided,
-    ) {
-        if m == 0 || n == 0 || k == 0 {
-            return;
-        }
-        dst_at.check(m, n, dst.len());
-        lhs_at.check(m, k, lhs.len());
-        rhs_at.check(k, n, rhs.len());
-        let parallelism = if m * n * k >= 192 * 192 * 192 {
-            gemm::Parallelism::Rayon(0)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: the three checks above keep every element gemm reads or writes inside its
-        // slice, and `dst` is borrowed mutably, so it aliases neither operand.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr().add(dst_at.offset),
-                dst_at.col_stride as isize,
-                dst_at.row_stride as isize,
-                accumulate,
-                lhs.as_ptr().add(lhs_at.offset),
-                lhs_at.col_stride as isize,
-                lhs_at.row_stride as isize,
-                rhs.as_ptr().add(rhs_at.offset),
-                rhs_at.col_stride as isize,
-                rhs_at.row_stride as isize,
-                1.0,
-                scale,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
-    }
-
     /// `y = x Mᵀ` for row-major `x` `[n, cols]`: each chunk of rows of `M` is decoded and
     /// multiplied straight into its columns of `y`.
     fn quantised_forward(x: &[f32], weight: &QuantisedMatrix) -> Vec<f32> {
@@ -265,7 +163,7 @@ mod flex {
                 x,
                 Strided::row_major(0, cols),
                 &w,
-                Strided::column_major(cols),
+                Strided::column_major(0, cols),
             );
         }
         y
@@ -329,7 +227,7 @@ mod flex {
             dy,
             Strided::row_major(0, d_out),
             values(weight),
-            Strided::column_major(d_out),
+            Strided::column_major(0, d_out),
         );
         dx
     }
@@ -514,7 +412,7 @@ mod flex {
                     dy,
                     Strided::row_major(0, d_out),
                     values(&state.b),
-                    Strided::column_major(d_out),
+                    Strided::column_major(0, d_out),
                 );
             }
             if let Some(node) = x_node {
@@ -528,7 +426,7 @@ mod flex {
                     &g,
                     Strided::row_major(0, r),
                     values(&state.a),
-                    Strided::column_major(r),
+                    Strided::column_major(0, r),
                 );
                 grads.register::<Flex>(node.id, tensor(dx, [n, d_in]));
             }
@@ -541,7 +439,7 @@ mod flex {
                     Strided::row_major(0, r),
                     false,
                     values(&state.x),
-                    Strided::column_major(d_in),
+                    Strided::column_major(0, d_in),
                     &g,
                     Strided::row_major(0, r),
                 );
@@ -556,7 +454,7 @@ mod flex {
                     Strided::row_major(0, d_out),
                     false,
                     values(&state.xa),
-                    Strided::column_major(r),
+                    Strided::column_major(0, r),
                     dy,
                     Strided::row_major(0, d_out),
                 );

@@ -6,6 +6,7 @@
 //! `rotate_half` layout, grouped-query causal attention, and a SwiGLU MLP.
 
 mod attention;
+mod causal_attention;
 mod causal_lm;
 mod checkpoint;
 mod config;
@@ -23,6 +24,7 @@ pub mod peft;
 mod quantised;
 mod rope;
 mod score;
+mod swiglu;
 
 pub use attention::{AttentionContext, LayerCache, SelfAttention};
 pub(crate) use causal_lm::split_layer_name;
