@@ -29,22 +29,22 @@ pub fn next_token_loss(
     input_ids: Tensor<2, Int>,
     weights: Option<Tensor<2>>,
 ) -> Tensor<1> {
-    let [batch, seq, _] = logits.dims();
+    let [batch, seq, vocab] = logits.dims();
     assert!(seq >= 2, "next-token loss needs at least two positions");
-    let vocab = logits.dims()[2];
-    let predictions = logits
-        .narrow(1, 0, seq - 1)
-        .reshape([batch * (seq - 1), vocab]);
-    let targets = input_ids.narrow(1, 1, seq - 1).reshape([batch * (seq - 1)]);
-    let losses = row_losses(predictions, targets).reshape([batch, seq - 1]);
-    match weights {
-        None => losses.mean(),
-        Some(weights) => {
-            let weights = weights.narrow(1, 1, seq - 1);
-            let total = weights.clone().sum();
-            (losses * weights).sum() / total
-        }
-    }
+    let device = logits.device();
+    // Every position's row is scored against the next token (the last against a placeholder
+    // with weight 0), so the logits are used in place rather than sliced and copied, as
+    // transformers pads its shifted labels with -100.
+    let last = |t: Tensor<2, Int>| Tensor::cat(vec![t, Tensor::zeros([batch, 1], &device)], 1);
+    let targets = last(input_ids.narrow(1, 1, seq - 1)).reshape([batch * seq]);
+    let losses = row_losses(logits.reshape([batch * seq, vocab]), targets).reshape([batch, seq]);
+    let weights = match weights {
+        None => Tensor::ones([batch, seq - 1], &device),
+        Some(weights) => weights.narrow(1, 1, seq - 1),
+    };
+    let weights = Tensor::cat(vec![weights, Tensor::zeros([batch, 1], &device)], 1);
+    let total = weights.clone().sum();
+    (losses * weights).sum() / total
 }
 
 /// Mean next-token cross-entropy of `model` over the target tokens of `batch`: the value of
