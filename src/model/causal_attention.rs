@@ -62,7 +62,9 @@ mod flex {
     use rayon::prelude::*;
 
     use super::AttentionLayout;
-    use crate::model::host_kernels::{Strided, matmul_into, scaled_matmul_into, tensor, values};
+    use crate::model::host_kernels::{
+        Strided, exp, matmul_into, scaled_matmul_into, sum_exp, tensor, values,
+    };
 
     #[backend_extension(Flex, Autodiff)]
     pub trait CausalAttentionOps: Backend {
@@ -203,22 +205,12 @@ mod flex {
     /// Softmax of `row` in place; returns its log-sum-exp. With `lse` known (the backward),
     /// `exp(x - lse)` reproduces the forward's probabilities without another reduction.
     fn softmax_in_place(row: &mut [f32], lse: Option<f32>) -> f32 {
-        if let Some(lse) = lse {
-            for x in row.iter_mut() {
-                *x = (*x - lse).exp();
-            }
-            return lse;
-        }
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
+        let shift = lse.unwrap_or_else(|| row.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        let lse = lse.unwrap_or_else(|| shift + sum_exp(row, shift).ln());
         for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
+            *x = exp(*x - lse);
         }
-        for x in row.iter_mut() {
-            *x /= sum;
-        }
-        max + sum.ln()
+        lse
     }
 
     /// The result `[batch, seq, heads * head_dim]` and each query row's log-sum-exp

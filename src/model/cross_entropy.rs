@@ -38,7 +38,7 @@ mod flex {
     use burn::tensor::{Int, Tensor};
     use rayon::prelude::*;
 
-    use crate::model::host_kernels::{runs_on_flex, tensor, values};
+    use crate::model::host_kernels::{exp, runs_on_flex, sum_exp, tensor, values};
 
     /// Target ids on the host, one per logit row.
     #[derive(Clone, Debug)]
@@ -84,7 +84,7 @@ mod flex {
             .zip(targets.0.par_iter())
             .map(|(row, &target)| {
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+                let sum = sum_exp(row, max);
                 let lse = max + sum.ln();
                 (lse, lse - row[target as usize])
             })
@@ -120,7 +120,7 @@ mod flex {
                     .for_each(|(i, (out, row))| {
                         let (lse, dy) = (lse[i], upstream[i]);
                         for (g, &x) in out.iter_mut().zip(row) {
-                            *g = (x - lse).exp() * dy;
+                            *g = exp(x - lse) * dy;
                         }
                         out[targets.0[i] as usize] -= dy;
                     });

@@ -154,3 +154,77 @@ pub(crate) fn scaled_matmul_into(
         );
     }
 }
+
+/// `e^x` in `f32` without a call into libm, so that loops over it vectorise: Cody–Waite
+/// reduction to `x = k ln 2 + r`, `|r| <= ln 2 / 2`, then Cephes' `expf` polynomial for
+/// `e^r`, scaled by `2^k` through the exponent bits. Within 2 ulp of the exact value where
+/// that is a normal float; 0 below `-87.3` (where `e^x` is subnormal), `e^88` above `88`,
+/// NaN for NaN.
+#[cfg(feature = "flex")]
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOWEST: f32 = -87.33;
+    const HIGHEST: f32 = 88.0;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let clamped = x.clamp(LOWEST, HIGHEST);
+    let rounded = clamped * std::f32::consts::LOG2_E + ROUND;
+    let k = rounded - ROUND;
+    // k as an integer, read from the mantissa bits (`as i32` would saturate, lane by lane).
+    let k_bits = rounded.to_bits().wrapping_sub(ROUND.to_bits());
+    let r = clamped - k * LN2_HI - k * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let er = p * (r * r) + r + 1.0;
+    let scaled = er * f32::from_bits(k_bits.wrapping_add(127) << 23);
+    if x < LOWEST { 0.0 } else { scaled }
+}
+
+#[cfg(feature = "flex")]
+/// `Σ e^(v - shift)` over `values`, in 16 partial sums so that the loop vectorises.
+pub(crate) fn sum_exp(values: &[f32], shift: f32) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = values.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - shift)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += exp(v - shift);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_exact_value() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let exact = f64::from(x).exp();
+            let ulp = f64::from(f32::EPSILON) * exact;
+            let err = (f64::from(exp(x)) - exact).abs();
+            assert!(err <= 2.0 * ulp, "exp({x}) = {} vs {exact}", exp(x));
+            x += 0.000_37;
+        }
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn sum_exp_adds_every_value() {
+        let values: Vec<f32> = (0..37).map(|i| i as f32 * 0.1 - 2.0).collect();
+        let exact: f64 = values.iter().map(|&v| (f64::from(v) - 0.5).exp()).sum();
+        let sum = f64::from(sum_exp(&values, 0.5));
+        assert!((sum - exact).abs() < 1e-6 * exact, "{sum} vs {exact}");
+    }
+}

@@ -28,7 +28,7 @@ mod flex {
     use burn::tensor::Tensor;
     use rayon::prelude::*;
 
-    use crate::model::host_kernels::{tensor, values};
+    use crate::model::host_kernels::{exp, tensor, values};
 
     /// Elements per parallel task: large enough that a task outweighs its scheduling.
     const CHUNK: usize = 1 << 14;
@@ -47,7 +47,7 @@ mod flex {
     }
 
     fn sigmoid(x: f32) -> f32 {
-        1.0 / (1.0 + (-x).exp())
+        1.0 / (1.0 + exp(-x))
     }
 
     fn forward(gate: &FloatTensor<Flex>, up: &FloatTensor<Flex>) -> FloatTensor<Flex> {
