@@ -30,6 +30,9 @@ fn model(device: &Device) -> CausalLm {
 }
 
 fn model_step(c: &mut Criterion) {
+    // As the main job does: freed temporaries stay in the heap for the next step (the side-by-
+    // side script gives PyTorch's process the same glibc setting).
+    devft::allocator::retain_freed_memory();
     let device = devft::device::default_device().unwrap();
     let train_device = device.clone().autodiff();
     let mut group = c.benchmark_group("smollm2_135m_shape_4x128");

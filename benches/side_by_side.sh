@@ -41,8 +41,11 @@ echo "devft ($THREADS threads)" >&2
 RAYON_NUM_THREADS="$THREADS" /usr/bin/time -f %M -o target/devft-peak-rss-kb \
   "$BENCH_EXE" --bench >&2
 
-echo "PyTorch + PEFT ($THREADS threads)" >&2
-THREADS="$THREADS" /usr/bin/time -f %M -o target/peft-peak-rss-kb \
+# devft's bench sets glibc's malloc to keep freed heap memory (devft::allocator); PyTorch's
+# process gets the same two settings through GLIBC_TUNABLES, so both allocate alike.
+echo "PyTorch + PEFT ($THREADS threads, the same glibc malloc settings)" >&2
+GLIBC_TUNABLES="glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647" \
+  THREADS="$THREADS" /usr/bin/time -f %M -o target/peft-peak-rss-kb \
   "$VENV/bin/python" benches/peft_train_step.py --steps "$STEPS" > target/peft-result.json
 
 python3 - "$THREADS" <<'EOF'

@@ -28,6 +28,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod aggregate;
+pub mod allocator;
 pub mod assets;
 pub mod data;
 pub mod device;

@@ -153,6 +153,8 @@ impl Args {
 }
 
 fn main() -> ExitCode {
+    // Training temporaries reuse freed heap memory rather than fresh pages (docs/performance.md).
+    devft::allocator::retain_freed_memory();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

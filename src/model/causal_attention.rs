@@ -63,7 +63,7 @@ mod flex {
 
     use super::AttentionLayout;
     use crate::model::host_kernels::{
-        Strided, exp, matmul_into, scaled_matmul_into, sum_exp, tensor, values,
+        Strided, exp, matmul, matmul_into, scaled_matmul, sum_exp, tensor, values,
     };
 
     #[backend_extension(Flex, Autodiff)]
@@ -156,13 +156,9 @@ mod flex {
             lse: Option<&[f32]>,
         ) -> (Vec<f32>, Vec<f32>) {
             let (s, d) = (self.seq, self.layout.head_dim);
-            let mut p = vec![0.0f32; s * s];
-            scaled_matmul_into(
+            let mut p = scaled_matmul(
                 [s, s, d],
                 self.scale(),
-                &mut p,
-                Strided::row_major(0, s),
-                false,
                 qr,
                 Strided::row_major(0, d),
                 kr,
@@ -234,12 +230,8 @@ mod flex {
                 let group = head / inputs.group();
                 let qr = inputs.rotated(inputs.q, inputs.head_at(b, head, qw));
                 let (p, lse) = inputs.probabilities(&qr, &keys[b * kv_heads + group], None);
-                let mut o = vec![0.0f32; s * d];
-                matmul_into(
+                let o = matmul(
                     [s, d, s],
-                    &mut o,
-                    Strided::row_major(0, d),
-                    false,
                     &p,
                     Strided::row_major(0, s),
                     inputs.v,
@@ -310,12 +302,8 @@ mod flex {
                         q_at,
                     );
                     // dp = dy_head vᵀ, then ds = p (dp - rowsum(p dp)) scale in place
-                    let mut ds = vec![0.0f32; s * s];
-                    matmul_into(
+                    let mut ds = matmul(
                         [s, s, d],
-                        &mut ds,
-                        Strided::row_major(0, s),
-                        false,
                         dy,
                         q_at,
                         inputs.v,
@@ -328,12 +316,8 @@ mod flex {
                         }
                     }
                     // dqr = ds kr, dkr += dsᵀ qr
-                    let mut dq = vec![0.0f32; s * d];
-                    matmul_into(
+                    let dq = matmul(
                         [s, d, s],
-                        &mut dq,
-                        Strided::row_major(0, d),
-                        false,
                         &ds,
                         Strided::row_major(0, s),
                         &kr,

@@ -86,7 +86,9 @@ mod flex {
     use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
     use burn::tensor::Tensor;
 
-    use crate::model::host_kernels::{Strided, matmul_into, scaled_matmul_into, tensor, values};
+    use crate::model::host_kernels::{
+        Strided, matmul, matmul_into, scaled_matmul, scaled_matmul_into, tensor, values,
+    };
     use crate::model::quantised::QuantisedMatrix;
 
     #[backend_extension(Flex, Autodiff)]
@@ -200,36 +202,26 @@ mod flex {
     fn dense_forward(x: &[f32], weight: &FloatTensor<Flex>) -> Vec<f32> {
         let [d_in, d_out] = dims(weight);
         let n = x.len() / d_in;
-        let mut y = vec![0.0f32; n * d_out];
-        matmul_into(
+        matmul(
             [n, d_out, d_in],
-            &mut y,
-            Strided::row_major(0, d_out),
-            false,
             x,
             Strided::row_major(0, d_in),
             values(weight),
             Strided::row_major(0, d_out),
-        );
-        y
+        )
     }
 
     /// `dx = dy Wᵀ` for row-major `dy` `[n, d_out]`.
     fn dense_backward(dy: &[f32], weight: &FloatTensor<Flex>) -> Vec<f32> {
         let [d_in, d_out] = dims(weight);
         let n = dy.len() / d_out;
-        let mut dx = vec![0.0f32; n * d_in];
-        matmul_into(
+        matmul(
             [n, d_in, d_out],
-            &mut dx,
-            Strided::row_major(0, d_in),
-            false,
             dy,
             Strided::row_major(0, d_out),
             values(weight),
             Strided::column_major(0, d_out),
-        );
-        dx
+        )
     }
 
     /// The frozen part of a LoRA product, as its backward keeps it.
@@ -278,12 +270,8 @@ mod flex {
         let r = dims(a)[1];
         let n = x.len() / d_in;
         let mut y = base.forward(x);
-        let mut xa = vec![0.0f32; n * r];
-        matmul_into(
+        let xa = matmul(
             [n, r, d_in],
-            &mut xa,
-            Strided::row_major(0, r),
-            false,
             x,
             Strided::row_major(0, d_in),
             values(a),
@@ -402,19 +390,17 @@ mod flex {
             let r = dims(&state.a)[1];
             let n = dy.len() / d_out;
             let s = state.scaling;
-            let mut g = vec![0.0f32; n * r];
-            if x_node.is_some() || a_node.is_some() {
-                matmul_into(
+            let g = if x_node.is_some() || a_node.is_some() {
+                matmul(
                     [n, r, d_out],
-                    &mut g,
-                    Strided::row_major(0, r),
-                    false,
                     dy,
                     Strided::row_major(0, d_out),
                     values(&state.b),
                     Strided::column_major(0, d_out),
-                );
-            }
+                )
+            } else {
+                Vec::new()
+            };
             if let Some(node) = x_node {
                 let mut dx = state.base.backward(dy);
                 scaled_matmul_into(
@@ -431,13 +417,9 @@ mod flex {
                 grads.register::<Flex>(node.id, tensor(dx, [n, d_in]));
             }
             if let Some(node) = a_node {
-                let mut da = vec![0.0f32; d_in * r];
-                scaled_matmul_into(
+                let da = scaled_matmul(
                     [d_in, r, n],
                     s,
-                    &mut da,
-                    Strided::row_major(0, r),
-                    false,
                     values(&state.x),
                     Strided::column_major(0, d_in),
                     &g,
@@ -446,13 +428,9 @@ mod flex {
                 grads.register::<Flex>(node.id, tensor(da, [d_in, r]));
             }
             if let Some(node) = b_node {
-                let mut db = vec![0.0f32; r * d_out];
-                scaled_matmul_into(
+                let db = scaled_matmul(
                     [r, d_out, n],
                     s,
-                    &mut db,
-                    Strided::row_major(0, d_out),
-                    false,
                     values(&state.xa),
                     Strided::column_major(0, r),
                     dy,

@@ -78,8 +78,17 @@ impl Strided {
         }
     }
 
+    /// Whether distinct elements of a `rows x cols` matrix laid out so are distinct places
+    /// (rows side by side without overlap, or columns).
+    fn is_one_to_one(&self, rows: usize, cols: usize) -> bool {
+        rows <= 1
+            || cols <= 1 && self.row_stride > 0
+            || self.row_stride >= cols * self.col_stride && self.col_stride > 0
+            || self.col_stride >= rows * self.row_stride && self.row_stride > 0
+    }
+
     /// Panics unless a `rows x cols` matrix laid out so fits in `len` elements.
-    fn check(&self, rows: usize, cols: usize, len: usize) {
+    pub(crate) fn check(&self, rows: usize, cols: usize, len: usize) {
         let last =
             self.offset + (rows.max(1) - 1) * self.row_stride + (cols.max(1) - 1) * self.col_stride;
         assert!(last < len, "a strided matrix reaches past its buffer");
@@ -88,7 +97,7 @@ impl Strided {
 
 #[cfg(feature = "flex")]
 /// `dst = lhs rhs` (`dst += lhs rhs` with `accumulate`) for `lhs` `[m, k]` and `rhs`
-/// `[k, n]`, multi-threaded for products as large as those flex's own matmul splits.
+/// `[k, n]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_into(
     mnk: [usize; 3],
@@ -121,38 +130,184 @@ pub(crate) fn scaled_matmul_into(
         return;
     }
     dst_at.check(m, n, dst.len());
+    assert!(
+        dst_at.is_one_to_one(m, n),
+        "a product's rows or columns overlap"
+    );
     lhs_at.check(m, k, lhs.len());
     rhs_at.check(k, n, rhs.len());
-    let parallelism = if m * n * k >= 192 * 192 * 192 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the three checks above keep every element gemm reads or writes inside its
-    // slice, and `dst` is borrowed mutably, so it aliases neither operand.
+    // SAFETY: the checks keep every element read or written inside its slice and tell distinct
+    // elements of `dst` apart, and `dst` is borrowed mutably, so it aliases neither operand.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr().add(dst_at.offset),
-            dst_at.col_stride as isize,
-            dst_at.row_stride as isize,
-            accumulate,
-            lhs.as_ptr().add(lhs_at.offset),
-            lhs_at.col_stride as isize,
-            lhs_at.row_stride as isize,
-            rhs.as_ptr().add(rhs_at.offset),
-            rhs_at.col_stride as isize,
-            rhs_at.row_stride as isize,
-            1.0,
+        product(
+            [m, n, k],
             scale,
-            false,
-            false,
-            false,
-            parallelism,
+            dst.as_mut_ptr(),
+            dst_at,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_at,
+            rhs.as_ptr(),
+            rhs_at,
         );
     }
+}
+
+#[cfg(feature = "flex")]
+/// `lhs rhs` as a new row-major `[m, n]` buffer.
+pub(crate) fn matmul(
+    mnk: [usize; 3],
+    lhs: &[f32],
+    lhs_at: Strided,
+    rhs: &[f32],
+    rhs_at: Strided,
+) -> Vec<f32> {
+    scaled_matmul(mnk, 1.0, lhs, lhs_at, rhs, rhs_at)
+}
+
+#[cfg(feature = "flex")]
+/// `scale lhs rhs` as a new row-major `[m, n]` buffer, written once by the product (not
+/// zeroed first).
+pub(crate) fn scaled_matmul(
+    [m, n, k]: [usize; 3],
+    scale: f32,
+    lhs: &[f32],
+    lhs_at: Strided,
+    rhs: &[f32],
+    rhs_at: Strided,
+) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0.0; m * n];
+    }
+    lhs_at.check(m, k, lhs.len());
+    rhs_at.check(k, n, rhs.len());
+    let mut dst = Vec::with_capacity(m * n);
+    // SAFETY: the product writes each of the `m n` elements of the fresh buffer without
+    // reading it (`accumulate` is false, `m`, `n`, `k` > 0), so all are initialised before
+    // `set_len`; the operands are in bounds as checked.
+    unsafe {
+        product(
+            [m, n, k],
+            scale,
+            dst.as_mut_ptr(),
+            Strided::row_major(0, n),
+            false,
+            lhs.as_ptr(),
+            lhs_at,
+            rhs.as_ptr(),
+            rhs_at,
+        );
+        dst.set_len(m * n);
+    }
+    dst
+}
+
+/// Products of at least this many multiply-adds (`m n k`) use gemm's own threads.
+#[cfg(feature = "flex")]
+const GEMM_THREADS_MIN: usize = 192 * 192 * 192;
+
+/// Smaller products of at least this many (a LoRA factor's, `512 x 576 x 8`: a tenth of a
+/// millisecond) are split into one block of rows (or columns) per thread, which gemm does not
+/// do for thin products; smaller ones, and those already on a pool thread, run as one call.
+#[cfg(feature = "flex")]
+const SPLIT_MIN: usize = 1 << 20;
+
+#[cfg(feature = "flex")]
+/// A pointer moved into the tasks of [`product`], each of which writes its own block.
+#[derive(Clone, Copy)]
+struct SharedPtr<T>(T);
+
+#[cfg(feature = "flex")]
+impl<T: Copy> SharedPtr<T> {
+    /// The pointers (a method, so that closures capture the wrapper rather than its field).
+    fn get(self) -> T {
+        self.0
+    }
+}
+
+#[cfg(feature = "flex")]
+// SAFETY: the tasks holding copies write disjoint elements (see `product`).
+unsafe impl<T> Send for SharedPtr<T> {}
+#[cfg(feature = "flex")]
+// SAFETY: as above.
+unsafe impl<T> Sync for SharedPtr<T> {}
+
+#[cfg(feature = "flex")]
+/// `dst (+)= scale lhs rhs` through gemm, threaded as [`GEMM_THREADS_MIN`] and [`SPLIT_MIN`]
+/// say.
+///
+/// # Safety
+///
+/// Every element of the three operands at their strides is in bounds, `dst` aliases neither
+/// operand, and distinct `(row, column)` of `dst` are distinct elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    [m, n, k]: [usize; 3],
+    scale: f32,
+    dst: *mut f32,
+    dst_at: Strided,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_at: Strided,
+    rhs: *const f32,
+    rhs_at: Strided,
+) {
+    let work = m * n * k;
+    let threads = rayon::current_num_threads();
+    let ptrs = SharedPtr((dst, lhs, rhs));
+    let call = |[m, n]: [usize; 2], [dst_off, lhs_off, rhs_off]: [usize; 3], parallelism| {
+        let (dst, lhs, rhs) = ptrs.get();
+        // SAFETY: the caller's contract; each block is a sub-matrix of the checked ones.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.add(dst_at.offset + dst_off),
+                dst_at.col_stride as isize,
+                dst_at.row_stride as isize,
+                accumulate,
+                lhs.add(lhs_at.offset + lhs_off),
+                lhs_at.col_stride as isize,
+                lhs_at.row_stride as isize,
+                rhs.add(rhs_at.offset + rhs_off),
+                rhs_at.col_stride as isize,
+                rhs_at.row_stride as isize,
+                1.0,
+                scale,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+    };
+    if work >= GEMM_THREADS_MIN {
+        return call([m, n], [0, 0, 0], gemm::Parallelism::Rayon(0));
+    }
+    if work < SPLIT_MIN || threads < 2 || rayon::current_thread_index().is_some() {
+        return call([m, n], [0, 0, 0], gemm::Parallelism::None);
+    }
+    // One block of rows (or of columns, whichever is longer) per thread: the blocks write
+    // disjoint elements of dst.
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let block = len.div_ceil(threads);
+    rayon::scope(|scope| {
+        for start in (0..len).step_by(block) {
+            let size = block.min(len - start);
+            let call = &call;
+            scope.spawn(move |_| {
+                if by_rows {
+                    let offsets = [start * dst_at.row_stride, start * lhs_at.row_stride, 0];
+                    call([size, n], offsets, gemm::Parallelism::None);
+                } else {
+                    let offsets = [start * dst_at.col_stride, 0, start * rhs_at.col_stride];
+                    call([m, size], offsets, gemm::Parallelism::None);
+                }
+            });
+        }
+    });
 }
 
 /// `e^x` in `f32` without a call into libm, so that loops over it vectorise: Cody–Waite
@@ -218,6 +373,82 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert!(exp(f32::NAN).is_nan());
         assert_eq!(exp(0.0), 1.0);
+    }
+
+    /// `scale lhs rhs (+ dst)` by the definition, for row-major `lhs`, `rhs` and `dst`.
+    fn naive(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &[f32]) -> Vec<f32> {
+        let mut out = dst.to_vec();
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|p| f64::from(lhs[i * k + p]) * f64::from(rhs[p * n + j]))
+                    .sum();
+                out[i * n + j] += (0.5 * dot) as f32;
+            }
+        }
+        out
+    }
+
+    /// Thin products big enough to be split across threads (by rows, then by columns), with
+    /// and without accumulation, and the transposed view of an operand, equal the definition.
+    #[test]
+    fn split_products_equal_the_definition() {
+        let values = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7 + seed * 13) % 23) as f32 / 23.0 - 0.5)
+                .collect()
+        };
+        for [m, n, k] in [[640, 8, 600], [8, 700, 600]] {
+            assert!(m * n * k >= SPLIT_MIN && m * n * k < GEMM_THREADS_MIN);
+            let lhs = values(m * k, 1);
+            let rhs = values(k * n, 2);
+            let start = values(m * n, 3);
+            let expected = naive(m, n, k, &lhs, &rhs, &start);
+            let mut dst = start.clone();
+            scaled_matmul_into(
+                [m, n, k],
+                0.5,
+                &mut dst,
+                Strided::row_major(0, n),
+                true,
+                &lhs,
+                Strided::row_major(0, k),
+                &rhs,
+                Strided::row_major(0, n),
+            );
+            let fresh = scaled_matmul(
+                [m, n, k],
+                0.5,
+                &lhs,
+                Strided::row_major(0, k),
+                &rhs,
+                Strided::row_major(0, n),
+            );
+            // rhs read through its transpose: rhsᵀ stored row-major is `[n, k]`.
+            let rhs_t: Vec<f32> = (0..n * k).map(|i| rhs[(i % k) * n + i / k]).collect();
+            let through_transpose = scaled_matmul(
+                [m, n, k],
+                0.5,
+                &lhs,
+                Strided::row_major(0, k),
+                &rhs_t,
+                Strided::column_major(0, k),
+            );
+            let zeros = vec![0.0; m * n];
+            let expected_fresh = naive(m, n, k, &lhs, &rhs, &zeros);
+            for (got, want) in [
+                (&dst, &expected),
+                (&fresh, &expected_fresh),
+                (&through_transpose, &expected_fresh),
+            ] {
+                let diff = got
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(diff < 1e-4, "[{m}, {n}, {k}]: differs by {diff}");
+            }
+        }
     }
 
     #[test]
