@@ -19,6 +19,7 @@ use crate::model::frozen::{FrozenWeight, TokenEmbedding};
 use crate::model::gguf::BaseWeights;
 use crate::model::lora::{LoraConfig, Projection};
 use crate::model::quantised::QuantisedMatrix;
+use crate::model::rms_norm::rms_norm;
 use crate::model::rope::RotaryEmbedding;
 use crate::params::{HostTensor, ParamMap, TensorSource, parse_index};
 
@@ -661,7 +662,7 @@ impl CausalLm {
         if let Some(cache) = cache {
             cache.len += seq;
         }
-        self.norm.forward(x)
+        rms_norm(&self.norm, x)
     }
 
     /// `true` where query `past + i` may not see key `j`: the future, and keys beyond the

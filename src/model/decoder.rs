@@ -18,6 +18,7 @@ use crate::model::frozen::FrozenWeight;
 use crate::model::lora::{LoraConfig, LoraLinear, LowRankAdapter, Projection};
 use crate::model::mlp::SwiGluMlp;
 use crate::model::quantised::QuantisedMatrix;
+use crate::model::rms_norm::rms_norm;
 use crate::params::{HostTensor, ParamMap};
 
 /// Name and `[out, in]` shape of every tensor of one layer, with whether it is a projection
@@ -508,10 +509,9 @@ impl DecoderLayer {
         context: &AttentionContext,
         cache: Option<&mut Option<LayerCache>>,
     ) -> Tensor<3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), context, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let normed = rms_norm(&self.input_layernorm, x.clone());
+        let h = x + self.self_attn.forward(normed, context, cache);
+        let normed = rms_norm(&self.post_attention_layernorm, h.clone());
+        h + self.mlp.forward(normed)
     }
 }

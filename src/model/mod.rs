@@ -22,6 +22,7 @@ mod loss;
 mod mlp;
 pub mod peft;
 mod quantised;
+mod rms_norm;
 mod rope;
 mod score;
 mod swiglu;
