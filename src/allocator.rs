@@ -10,10 +10,10 @@ pub const HEAP_BLOCK_LIMIT: usize = 32 << 20;
 ///
 /// A training step on burn's CPU backends allocates and frees its temporaries (activations and
 /// gradients, megabytes each) afresh every step. With glibc's defaults many of them go back to
-/// the kernel when freed and come back as fresh pages the kernel must fault in and zero, which
-/// on SmolLM2-135M's shape cost about 8% of the LoRA training step and 25% of the forward pass
-/// (`docs/performance.md`). The price: the process keeps the memory of its peak step resident
-/// between steps instead of returning part of it.
+/// the kernel when freed and come back as fresh pages the kernel must fault in and zero. On
+/// SmolLM2-135M's shape this setting made the forward pass 1.14x faster and left the LoRA
+/// training step's time within noise (`docs/performance.md`, lever 7). The price: the process
+/// keeps the memory of its peak step resident between steps instead of returning part of it.
 ///
 /// Process-wide and permanent, so devft never calls it by itself: its examples and benchmarks
 /// do, and an application that trains on the CPU may. Returns `false`, changing nothing,

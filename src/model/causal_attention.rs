@@ -574,47 +574,37 @@ mod tests {
         }
     }
 
+    fn layout(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+    ) -> AttentionLayout {
+        AttentionLayout {
+            heads,
+            kv_heads,
+            head_dim,
+            window,
+        }
+    }
+
     #[test]
     fn grouped_query_heads_match_burn() {
-        let layout = AttentionLayout {
-            heads: 6,
-            kv_heads: 2,
-            head_dim: 8,
-            window: None,
-        };
-        check(2, 9, layout);
+        check(2, 9, layout(6, 2, 8, None));
     }
 
     #[test]
     fn one_key_head_per_query_head_matches_burn() {
-        let layout = AttentionLayout {
-            heads: 3,
-            kv_heads: 3,
-            head_dim: 4,
-            window: None,
-        };
-        check(1, 5, layout);
+        check(1, 5, layout(3, 3, 4, None));
     }
 
     #[test]
     fn sliding_window_matches_burn() {
-        let layout = AttentionLayout {
-            heads: 4,
-            kv_heads: 1,
-            head_dim: 6,
-            window: Some(3),
-        };
-        check(2, 8, layout);
+        check(2, 8, layout(4, 1, 6, Some(3)));
     }
 
     #[test]
     fn one_position_matches_burn() {
-        let layout = AttentionLayout {
-            heads: 2,
-            kv_heads: 1,
-            head_dim: 4,
-            window: None,
-        };
-        check(3, 1, layout);
+        check(3, 1, layout(2, 1, 4, None));
     }
 }
