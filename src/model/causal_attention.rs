@@ -135,16 +135,33 @@ mod flex {
             self.layout.window.map_or(0, |w| (i + 1).saturating_sub(w))
         }
 
+        /// The RoPE tables' rows for position `i`.
+        fn tables(&self, i: usize) -> (&[f32], &[f32]) {
+            let d = self.layout.head_dim;
+            (&self.cos[i * d..][..d], &self.sin[i * d..][..d])
+        }
+
+        /// Where row `i` of one head (laid out as `at` says) lies in its buffer.
+        fn head_row(&self, at: Strided, i: usize) -> std::ops::Range<usize> {
+            let start = at.offset + i * at.row_stride;
+            start..start + self.layout.head_dim
+        }
+
         /// `[seq, head_dim]`: the rows of one head of `x` (laid out as `at` says), rotated.
         fn rotated(&self, x: &[f32], at: Strided) -> Vec<f32> {
-            let d = self.layout.head_dim;
-            let mut out = vec![0.0f32; self.seq * d];
-            for (i, row) in out.chunks_exact_mut(d).enumerate() {
-                let start = at.offset + i * at.row_stride;
-                let (cos, sin) = (&self.cos[i * d..][..d], &self.sin[i * d..][..d]);
-                rotate(&x[start..start + d], cos, sin, row);
+            let mut out = vec![0.0f32; self.seq * self.layout.head_dim];
+            for (i, row) in out.chunks_exact_mut(self.layout.head_dim).enumerate() {
+                let (cos, sin) = self.tables(i);
+                rotate(&x[self.head_row(at, i)], cos, sin, row);
             }
             out
+        }
+
+        /// Copies the `[seq, head_dim]` `rows` into one head of `dst` (laid out as `at` says).
+        fn place(&self, rows: &[f32], dst: &mut [f32], at: Strided) {
+            for (i, row) in rows.chunks_exact(self.layout.head_dim).enumerate() {
+                dst[self.head_row(at, i)].copy_from_slice(row);
+            }
         }
 
         /// `[seq, seq]`: `scale qr krᵀ` turned, row by row, into the probabilities of the
@@ -243,11 +260,7 @@ mod flex {
         let mut out = vec![0.0f32; inputs.batch * s * qw];
         let mut lse = Vec::with_capacity(inputs.batch * heads * s);
         for (t, (o, head_lse)) in per_head.into_iter().enumerate() {
-            let at = inputs.head_at(t / heads, t % heads, qw);
-            for (i, row) in o.chunks_exact(d).enumerate() {
-                let start = at.offset + i * at.row_stride;
-                out[start..start + d].copy_from_slice(row);
-            }
+            inputs.place(&o, &mut out, inputs.head_at(t / heads, t % heads, qw));
             lse.extend(head_lse);
         }
         (out, lse)
@@ -343,9 +356,8 @@ mod flex {
         let mut dv = vec![0.0f32; inputs.v.len()];
         let unrotate = |rows: &[f32], dst: &mut [f32], at: Strided| {
             for (i, row) in rows.chunks_exact(d).enumerate() {
-                let start = at.offset + i * at.row_stride;
-                let (cos, sin) = (&inputs.cos[i * d..][..d], &inputs.sin[i * d..][..d]);
-                rotate_back(row, cos, sin, &mut dst[start..start + d]);
+                let (cos, sin) = inputs.tables(i);
+                rotate_back(row, cos, sin, &mut dst[inputs.head_row(at, i)]);
             }
         };
         for (t, GroupGradients { dqr, dkr, dv: dvg }) in per_group.into_iter().enumerate() {
@@ -356,10 +368,7 @@ mod flex {
             }
             let kv_at = inputs.head_at(b, group, kw);
             unrotate(&dkr, &mut dk, kv_at);
-            for (i, row) in dvg.chunks_exact(d).enumerate() {
-                let start = kv_at.offset + i * kv_at.row_stride;
-                dv[start..start + d].copy_from_slice(row);
-            }
+            inputs.place(&dvg, &mut dv, kv_at);
         }
         [dq, dk, dv]
     }
