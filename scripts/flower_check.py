@@ -6,7 +6,13 @@
                                                  (max abs diff), the ledger entry by entry
                                                  (bytes exactly, but for a reply's header, which
                                                  carries the client's measured peak memory),
-                                                 the same sampled clients, no failed client
+                                                 the same sampled and excluded clients, no
+                                                 failed client; budgets the SuperNodes declared
+                                                 (flower.json "memory-budgets") go into the
+                                                 in-process run's `client-memory`
+    flower_check.py OUT --expect-excluded P      also: partition P declared a memory budget, was
+                                                 sampled in some round and left out of a later
+                                                 one for its memory budget
     flower_check.py OUT --expect-failure-of P [--after-round K]
                                                  the run finished; partition P failed (with a
                                                  reason) in a round after K, no one failed up to
@@ -85,11 +91,25 @@ def check_finished(run: dict) -> None:
     check(len(run["metrics"]) == rounds, f"metrics of all {rounds} rounds ({len(run['metrics'])})")
 
 
+def reference_settings(run: dict) -> dict:
+    """The run's settings, with the budgets its SuperNodes declared as `client-memory`."""
+    settings = dict(run["settings"])
+    declared = run["flower"].get("memory-budgets", {})
+    if declared:
+        clients = int(settings["num-partitions"])
+        listed = [b.strip() for b in str(settings.get("client-memory", "")).split(",") if b.strip()]
+        budgets = listed * clients if len(listed) == 1 else listed or ["none"] * clients
+        for partition, budget in declared.items():
+            budgets[int(partition)] = budget
+        settings["client-memory"] = ",".join(budgets)
+    return settings
+
+
 def check_parity(run: dict, tolerance: float) -> None:
     import devft_py  # pylint: disable=import-outside-toplevel
 
     check_finished(run)
-    reference = devft_py.run_in_process(dict(run["settings"]))
+    reference = devft_py.run_in_process(reference_settings(run))
     ours, theirs = run["adapter"], reference["adapter"]
     check(sorted(ours) == sorted(theirs), f"the same {len(theirs)} adapter tensors")
     worst, worst_name = 0.0, ""
@@ -116,10 +136,23 @@ def check_parity(run: dict, tolerance: float) -> None:
     for ours_m, theirs_m in zip(run["metrics"], reference_metrics):
         r = ours_m["round"]
         check(ours_m["clients_sampled"] == theirs_m["clients_sampled"], f"round {r}: sampled {ours_m['clients_sampled']}")
+        check(ours_m["clients_excluded"] == theirs_m["clients_excluded"],
+              f"round {r}: excluded {[c for c, _ in ours_m['clients_excluded']]}")
         check(not ours_m["clients_failed"], f"round {r}: no failed client {ours_m['clients_failed'] or ''}")
         a, b = ours_m.get("train_loss"), theirs_m.get("train_loss")
         if a is not None and b is not None:
             check(abs(a - b) <= 1e-6 * max(1.0, abs(b)), f"round {r}: train loss {a:.6f} (in-process {b:.6f})")
+
+
+def check_exclusion(run: dict, partition: int) -> None:
+    declared = run["flower"].get("memory-budgets", {})
+    check(str(partition) in declared, f"partition {partition} declared a memory budget {declared}")
+    sampled = [int(m["round"]) for m in run["metrics"] if partition in m["clients_sampled"]]
+    excluded = {int(m["round"]): why for m in run["metrics"] for c, why in m["clients_excluded"] if c == partition}
+    check(bool(sampled), f"partition {partition} took part in rounds {sampled}")
+    check(bool(excluded) and min(excluded) > min(sampled or [0]),
+          f"partition {partition} was left out of later rounds {sorted(excluded)}")
+    check(all("memory budget" in why for why in excluded.values()), f"for its memory budget: {set(excluded.values())}")
 
 
 def check_node_failure(run: dict, partition: int, after: int) -> None:
@@ -163,6 +196,7 @@ def main() -> int:
     parser.add_argument("--expect-failure-of", type=int, metavar="PARTITION")
     parser.add_argument("--after-round", type=int, default=0, metavar="K")
     parser.add_argument("--expect-faults", action="store_true")
+    parser.add_argument("--expect-excluded", type=int, metavar="PARTITION")
     parser.add_argument("--tolerance", type=float, default=1e-6)
     args = parser.parse_args()
     run = load_run(args.out)
@@ -172,9 +206,11 @@ def main() -> int:
         check_faults(run)
     else:
         check_parity(run, args.tolerance)
+    if args.expect_excluded is not None:
+        check_exclusion(run, args.expect_excluded)
     for m in run["metrics"]:
         print(f"      round {m['round']}: stage {m['stage']} capacity {m['capacity']} sampled {m['clients_sampled']} "
-              f"failed {[c for c, _ in m['clients_failed']]} train_loss {m.get('train_loss')} eval_loss {m.get('eval_loss')}")
+              f"excluded {[c for c, _ in m['clients_excluded']]} failed {[c for c, _ in m['clients_failed']]} train_loss {m.get('train_loss')} eval_loss {m.get('eval_loss')}")
     print(f"{len(FAILURES)} check(s) failed" if FAILURES else "all checks passed")
     return 1 if FAILURES else 0
 

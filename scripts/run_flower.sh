@@ -5,6 +5,7 @@
 #   scripts/run_flower.sh [--rounds N] [--nodes N] [--stop-node-after-round K]
 #                         [--stop-signal TERM|KILL] [--fault F] [--out DIR] [--port P]
 #                         [--round-timeout S] [--timeout S] [--config 'key=value ...']
+#                         [--node-memory LIST]
 #                         [--no-build | --wheel] [--check [ARGS...]]
 #
 #   --rounds N                 devft's `rounds` (default: the app's pyproject, 4)
@@ -21,6 +22,8 @@
 #   --round-timeout S          seconds the ServerApp waits for a round's replies (default 600)
 #   --timeout S                seconds the whole `flwr run` may take (default 1800)
 #   --config 'k=v ...'         more run config overrides (TOML values), may repeat; they win
+#   --node-memory LIST         comma-separated memory budgets SuperNode I declares in its node
+#                              config (`memory-budget`, e.g. 4M; `none` or empty: no limit)
 #   --no-build                 use the devft_py already installed in the venv
 #   --wheel                    build devft_py as a release wheel with maturin and install that
 #                              (default: a cargo build of the extension on the test profile, which
@@ -52,8 +55,9 @@ BUILD=1
 CHECK=0
 CHECK_ARGS=()
 CONFIG=()
+NODE_MEMORY=()
 
-usage() { sed -n '2,30p' "$SELF" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,33p' "$SELF" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 need() { [[ $# -ge 2 && -n $2 ]] || { echo "run_flower.sh: $1 needs a value" >&2; usage; }; }
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -67,6 +71,7 @@ while [[ $# -gt 0 ]]; do
     --round-timeout) need "$@"; ROUND_TIMEOUT=$2; shift 2 ;;
     --timeout) need "$@"; RUN_TIMEOUT=$2; shift 2 ;;
     --config) need "$@"; CONFIG+=(-c "$2"); shift 2 ;;
+    --node-memory) need "$@"; IFS=, read -r -a NODE_MEMORY <<< "$2"; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --wheel) BUILD=wheel; shift ;;
     --check) CHECK=1; shift; CHECK_ARGS=("$@"); break ;;
@@ -167,8 +172,11 @@ port_open "$PORT" || { tail -20 "$LOGS/superlink.log"; echo "the SuperLink did n
 
 NODE_PIDS=()
 for ((i = 0; i < NODES; i++)); do
+  budget=$(echo "${NODE_MEMORY[i]:-}" | tr -d ' ')
+  node_config="partition-id=$i num-partitions=$NODES"
+  [[ -z $budget || $budget == none ]] || node_config+=" memory-budget=\"$budget\""
   setsid flower-supernode --insecure --superlink "127.0.0.1:$PORT" --port $((PORT + 1 + i)) \
-    --node-config "partition-id=$i num-partitions=$NODES" > "$LOGS/supernode-$i.log" 2>&1 &
+    --node-config "$node_config" > "$LOGS/supernode-$i.log" 2>&1 &
   NODE_PIDS+=($!)
   PIDS+=($!)
 done

@@ -43,12 +43,15 @@ def _error_reply(msg: Message, reason: str) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answers the server's discovery: which partition this node holds."""
-    content = ConfigRecord({"partition-id": -1, "num-partitions": -1})
+    """Answers the server's discovery: which partition this node holds and the training memory
+    it declares (`--node-config memory-budget="640M"`; empty: no limit)."""
+    content = ConfigRecord({"partition-id": -1, "num-partitions": -1, "memory-budget": ""})
     if "partition-id" in context.node_config:
         content["partition-id"] = int(context.node_config["partition-id"])
     if "num-partitions" in context.node_config:
         content["num-partitions"] = int(context.node_config["num-partitions"])
+    if "memory-budget" in context.node_config:
+        content["memory-budget"] = str(context.node_config["memory-budget"])
     return Message(RecordDict({"node": content}), reply_to=msg)
 
 

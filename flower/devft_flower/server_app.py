@@ -4,7 +4,7 @@ At the end (and, with what there is, when the run fails) it writes into the run 
 `out-dir`: `adapter.safetensors` (the full model's adapter), `ledger.json`, `metrics.json`,
 `settings.json` (devft's settings with defaults filled in: `devft_py.run_in_process` of them
 is the same run without Flower) and `flower.json` (which SuperNode served which partition,
-and each round's failed partitions with reasons).
+the memory budgets the SuperNodes declared, and each round's failed partitions with reasons).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def write_outputs(out_dir: Path, strategy: DevftStrategy, finished: bool) -> Non
             "eval-every": config.eval_every,
         },
         "partitions": {str(p): nodes for p, nodes in strategy.directory.partitions().items()},
+        "memory-budgets": {str(p): budget for p, budget in sorted(strategy.directory.budgets.items())},
         "rounds": strategy.history,
     }
     _write(out_dir / "flower.json", json.dumps(flower, indent=2))

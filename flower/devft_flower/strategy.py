@@ -3,7 +3,9 @@
 The devft server picks the round's clients (partition ids, seeded sampling), writes every
 client's task (and the stage set-up for clients new to the stage), takes the replies and
 evaluates centrally. This strategy maps partition ids to the SuperNodes holding them
-(`NodeDirectory`, a `query` message to each node), carries the opaque bytes as uint8 Arrays
+(`NodeDirectory`, a `query` message to each node, which also brings the memory budget a node
+declares in its node config: the devft server then leaves it out of stages whose memory
+estimate exceeds it), carries the opaque bytes as uint8 Arrays
 and turns everything that can go wrong on the way (no node for a partition, a node that left,
 no reply in time, a Flower error reply, a reply without bytes, a ClientApp's devft error) into
 a failed client with a reason, so that nothing a client does stops the ServerApp.
@@ -38,11 +40,13 @@ def _node_reason(reply: Message) -> str:
 
 @dataclass
 class NodeDirectory:
-    """Which SuperNode holds which partition, learnt by asking each node (`query` message)."""
+    """Which SuperNode holds which partition and what memory it declared, learnt by asking each
+    node (`query` message)."""
 
     poll_interval: float = 0.5
     by_node: dict[int, int] = field(default_factory=dict)  # node id -> partition id
     alive: set[int] = field(default_factory=set)
+    budgets: dict[int, str] = field(default_factory=dict)  # partition id -> declared budget
 
     def wait_for(self, grid: Grid, count: int, seconds: float) -> None:
         """Waits until `count` nodes are connected, at most `seconds`."""
@@ -54,8 +58,12 @@ class NodeDirectory:
             time.sleep(self.poll_interval)
         log(INFO, "[devft] %d SuperNode(s) connected (waited for %d)", len(nodes), count)
 
-    def refresh(self, grid: Grid, timeout: float) -> None:
-        """Learns the nodes connected now; asks the new ones for their partition."""
+    def refresh(
+        self, grid: Grid, timeout: float, declare: Callable[[int, int | None], None]
+    ) -> None:
+        """Learns the nodes connected now; asks the new ones for their partition and memory
+        budget, and passes each declared budget (bytes, `None` for no limit) to `declare`. A node
+        whose budget does not parse is not used (its partition stays without a node)."""
         self.alive = set(grid.get_node_ids())
         new = sorted(self.alive - set(self.by_node))
         if not new:
@@ -77,8 +85,17 @@ class NodeDirectory:
             if partition < 0:
                 log(WARNING, "[devft] SuperNode %s has no partition-id in its node config", node)
                 continue
+            budget = str(reply.content["node"].get("memory-budget", "")).strip()
+            if budget:
+                try:
+                    declare(partition, devft_py.parse_memory_budget(budget))
+                except devft_py.DevftError as exc:
+                    log(WARNING, "[devft] SuperNode %s is not used: its memory budget %r: %s", node, budget, exc)
+                    continue
+                self.budgets[partition] = budget
             self.by_node[node] = partition
-            log(INFO, "[devft] SuperNode %s holds partition %d", node, partition)
+            log(INFO, "[devft] SuperNode %s holds partition %d%s", node, partition,
+                f", memory budget {budget}" if budget else "")
 
     def node_of(self, partition: int) -> int | None:
         """A connected node holding `partition` (the lowest id when several claim it)."""
@@ -301,7 +318,7 @@ class DevftStrategy(Strategy):
             server_round += 1
             log(INFO, "")
             log(INFO, "[ROUND %d/%d]", server_round, self.total_rounds)
-            self.directory.refresh(grid, min(timeout, self.config.node_wait))
+            self.directory.refresh(grid, min(timeout, self.config.node_wait), self.server.declare_memory_budget)
             messages = list(self.configure_train(server_round, arrays, train_config, grid))
             replies, undelivered, late = exchange(grid, messages, timeout, self.config.poll_interval)
             current = self._round

@@ -32,7 +32,9 @@ use devft::Error;
 use devft::ParamMap;
 use devft::data::TokenizedExample;
 use devft::federated::protocol::{DeviceState, EvaluateTask, Message, StageSetup, TrainTask};
-use devft::federated::{Client, Evaluation, FederatedRun, Server, StageModel, evaluate_loss};
+use devft::federated::{
+    Client, Evaluation, FederatedRun, Server, StageModel, evaluate_loss, parse_memory_budgets,
+};
 use devft::fusion::LayerFuser;
 use devft::model::CausalLm;
 use numpy::{PyArray1, PyArrayMethods};
@@ -552,6 +554,15 @@ fn run_in_process<'py>(
     Ok(out)
 }
 
+/// One memory budget in bytes from its text (`640M`, `1.5G`, `1048576`; `none` or an empty
+/// text: `None`, no limit), as an entry of the `client-memory` setting or a SuperNode's
+/// `memory-budget` node config is read.
+#[pyfunction]
+fn parse_memory_budget(text: &str) -> PyResult<Option<u64>> {
+    // One client: the list is that one entry (or empty), never another length.
+    guarded(|| Ok(parse_memory_budgets(text, 1)?[0]))
+}
+
 /// The `devft_py` module.
 #[pymodule]
 fn devft_py(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -559,6 +570,7 @@ fn devft_py(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyServer>()?;
     m.add_class::<PyClient>()?;
     m.add_function(wrap_pyfunction!(run_in_process, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_memory_budget, m)?)?;
     m.add("DevftError", py.get_type::<DevftError>())?;
     m.add(
         "InvalidArgumentError",

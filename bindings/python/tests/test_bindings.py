@@ -112,6 +112,16 @@ class Bindings(unittest.TestCase):
         self.assertEqual([c for c, _ in metrics["clients_excluded"]], [0])
         self.assertIn("memory budget", metrics["clients_excluded"][0][1])
 
+    def test_a_memory_budget_parses_as_the_settings_read_it(self):
+        self.assertEqual(devft_py.parse_memory_budget("640M"), 640 << 20)
+        self.assertEqual(devft_py.parse_memory_budget(" 1.5G "), 3 << 29)
+        self.assertEqual(devft_py.parse_memory_budget("4096"), 4096)
+        self.assertIsNone(devft_py.parse_memory_budget("none"))
+        self.assertIsNone(devft_py.parse_memory_budget(""))
+        for bad in ("lots", "-1M", "2T", "1K,2K", "nan"):
+            with self.assertRaises(devft_py.InvalidArgumentError):
+                devft_py.parse_memory_budget(bad)
+
     def test_budgets_from_the_settings_leave_the_small_client_out(self):
         settings = {**SETTINGS, "client-memory": "1K, none, none"}
         server = drive(settings)
