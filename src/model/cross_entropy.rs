@@ -34,11 +34,11 @@ mod flex {
     use burn::backend::autodiff::grads::Gradients;
     use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
     use burn::backend::tensor::FloatTensor;
-    use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+    use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
     use burn::tensor::{Int, Tensor};
     use rayon::prelude::*;
 
-    use crate::model::host_kernels::{exp, runs_on_flex, sum_exp, tensor, values};
+    use crate::model::host_kernels::{exp, runs_on_flex, sum_exp, tensor, values, values_mut};
 
     /// Target ids on the host, one per logit row.
     #[derive(Clone, Debug)]
@@ -106,25 +106,24 @@ mod flex {
         type State = (FloatTensor<Flex>, Arc<[f32]>, TargetIds);
 
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let (logits, lse, targets) = ops.state;
-            unary::<Flex, _>(ops.parents, ops.node, grads, |upstream| {
+            let (mut logits, lse, targets) = ops.state;
+            unary::<Flex, _>(ops.parents, ops.node, grads, move |upstream| {
                 let upstream = upstream.to_contiguous();
                 let upstream = values(&upstream);
-                let rows = values(&logits);
-                let n = targets.0.len();
-                let vocab = rows.len() / n.max(1);
-                let mut grad = vec![0.0f32; rows.len()];
-                grad.par_chunks_mut(vocab.max(1))
-                    .zip(rows.par_chunks(vocab.max(1)))
+                let vocab = logits.shape().num_elements() / targets.0.len().max(1);
+                // The gradient overwrites the logits, which nothing else holds by now: no
+                // second logits-sized buffer (100 MB for SmolLM2's 512 x 49,152).
+                values_mut(&mut logits)
+                    .par_chunks_mut(vocab.max(1))
                     .enumerate()
-                    .for_each(|(i, (out, row))| {
+                    .for_each(|(i, row)| {
                         let (lse, dy) = (lse[i], upstream[i]);
-                        for (g, &x) in out.iter_mut().zip(row) {
-                            *g = exp(x - lse) * dy;
+                        for x in row.iter_mut() {
+                            *x = exp(*x - lse) * dy;
                         }
-                        out[targets.0[i] as usize] -= dy;
+                        row[targets.0[i] as usize] -= dy;
                     });
-                tensor(grad, [n, vocab])
+                logits
             });
         }
     }
@@ -200,5 +199,29 @@ mod tests {
         assert!(max_diff(fused, reference(logits.clone(), targets)) < 1e-5);
         let outside = Tensor::<1, Int>::from_data(TensorData::from([1i64, 11, 4]), &device);
         assert!(cross_entropy_rows(&logits, &outside).is_none());
+    }
+
+    /// Logits an op produced (as the LM head's are) are the backward's alone, so it writes the
+    /// gradient over them; the test above holds its logits elsewhere, so there it copies.
+    #[test]
+    fn the_gradient_over_logits_nothing_else_holds() {
+        let device = Device::flex().autodiff();
+        let base = Tensor::<2>::random([5, 23], Distribution::Normal(0.0, 2.0), &device);
+        let targets = Tensor::<1, Int>::from_data(TensorData::from([0i64, 22, 5, 5, 11]), &device);
+        let gradient_of = |fused: bool| {
+            let x = base.clone().require_grad();
+            let logits = x.clone() * 1.5;
+            let losses = if fused {
+                let losses = cross_entropy_rows(&logits, &targets).expect("flex runs the fused op");
+                drop(logits);
+                losses
+            } else {
+                reference(logits, targets.clone())
+            };
+            x.grad(&losses.sum().backward()).unwrap()
+        };
+        let (fused, expected) = (gradient_of(true), gradient_of(false));
+        let diff: f32 = (fused - expected).abs().max().into_scalar();
+        assert!(diff < 1e-6, "{diff}");
     }
 }

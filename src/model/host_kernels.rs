@@ -38,6 +38,17 @@ pub(crate) fn values(tensor: &FloatTensor<Flex>) -> &[f32] {
     tensor.as_slice::<f32>().expect("a contiguous f32 tensor")
 }
 
+/// The values of a contiguous `f32` flex tensor, to overwrite: in place when the tensor is
+/// the only owner of its buffer, else in a copy the tensor then owns.
+#[cfg(feature = "flex")]
+pub(crate) fn values_mut(tensor: &mut FloatTensor<Flex>) -> &mut [f32] {
+    let (start, end) = tensor
+        .layout()
+        .contiguous_offsets()
+        .expect("a contiguous f32 tensor");
+    &mut tensor.storage_mut::<f32>()[start..end]
+}
+
 /// A flex tensor holding `values` in row-major `shape`.
 #[cfg(feature = "flex")]
 pub(crate) fn tensor(values: Vec<f32>, shape: impl Into<Shape>) -> FloatTensor<Flex> {
