@@ -41,6 +41,7 @@ ROOT=$PWD
 
 FLWR_VERSION=1.42.0
 MATURIN_VERSION=1.16.0
+GGUF_VERSION=0.19.0
 
 ROUNDS=""
 NODES=2
@@ -94,7 +95,8 @@ say() { printf '[run_flower %3ds] %s\n' $((SECONDS - t_start)) "$*"; }
 # --- the environment: flwr and the devft_py extension ---------------------------------------
 VENV=target/flower-venv
 PY=$VENV/bin/python
-PINS="flwr==$FLWR_VERSION"
+# gguf: bindings/python/tests/test_bindings.py writes its quantised GGUF model with it.
+PINS="flwr==$FLWR_VERSION gguf==$GGUF_VERSION"
 if [[ ! -x $PY || "$(cat "$VENV/.pins" 2>/dev/null)" != "$PINS" ]]; then
   say "creating $VENV ($PINS)"
   rm -rf "$VENV"

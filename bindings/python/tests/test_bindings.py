@@ -7,12 +7,16 @@
 - adapters come out as float32 numpy arrays of their shapes;
 - devft errors are typed exceptions under DevftError, for bad settings, bad messages and
   misuse, and a bad reply is a failed client, not an exception;
-- training releases the GIL (a Python thread keeps running while a client trains).
+- training releases the GIL (a Python thread keeps running while a client trains);
+- a GGUF base kept quantised trains as the same file decoded to f32, with a smaller estimate.
 """
 import json
+import struct
+import tempfile
 import threading
 import time
 import unittest
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +46,65 @@ def assert_same_traffic(test, ledger, expected):
     for a, b in zip(entries, expected_entries):
         test.assertLessEqual(abs(a["up"]["total"] - b["up"]["total"]), 24)
         test.assertEqual({**a, "up": {**a["up"], "total": 0}}, {**b, "up": {**b["up"], "total": 0}})
+
+
+def tiny_llama_q8_0_gguf(path):
+    """tests/fixtures/tiny-llama written as a GGUF file the way llama.cpp's converter does
+    (llama.cpp names, Q/K rows permuted for its RoPE layout), with the `gguf` package: Q8_0
+    for every matrix whose rows split into 32-value blocks, F32 for the rest."""
+    import gguf  # pylint: disable=import-outside-toplevel
+
+    data = Path("tests/fixtures/tiny-llama/model.safetensors").read_bytes()
+    (n,) = struct.unpack_from("<Q", data, 0)
+    header = json.loads(data[8 : 8 + n])
+    config = json.loads(Path("tests/fixtures/tiny-llama/config.json").read_text())
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config["num_key_value_heads"]
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+
+    def permute(w, n_head):  # llama.cpp's convert_hf_to_gguf.py `permute`
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_context_length(config["max_position_embeddings"])
+    for name, info in header.items():
+        if name == "__metadata__" or name.endswith("rotary_emb.inv_freq"):
+            continue
+        begin, end = info["data_offsets"]
+        dtype = {"F32": "<f4", "F16": "<f2", "BF16": None}[info["dtype"]]
+        w = np.frombuffer(data[8 + n + begin : 8 + n + end], dtype=dtype).astype(np.float32).reshape(info["shape"])
+        if name.endswith("q_proj.weight"):
+            w = permute(w, heads)
+        elif name.endswith("k_proj.weight"):
+            w = permute(w, kv_heads)
+        if name in fixed:
+            gguf_name = fixed[name]
+        else:
+            layer, inner = name.removeprefix("model.layers.").split(".", 1)
+            module, suffix = inner.rsplit(".", 1)
+            gguf_name = f"blk.{layer}.{names[module]}.{suffix}"
+        if w.ndim == 2 and w.shape[1] % 32 == 0:
+            q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(gguf_name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def drive(settings, corrupt=None, restart=False):
@@ -139,6 +202,22 @@ class Bindings(unittest.TestCase):
         for bad in ("quantised", "q4"):
             with self.assertRaises(devft_py.InvalidArgumentError):
                 devft_py.Server({**SETTINGS, "base": bad})
+
+    def test_a_quantised_base_trains_as_its_decoded_f32_base(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "tiny-llama-q8_0.gguf"
+            tiny_llama_q8_0_gguf(path)
+            settings = {**SETTINGS, "model": str(path), "tokenizer": "bytes"}
+            decoded = devft_py.run_in_process({**settings, "base": "f32"})
+            kept = devft_py.run_in_process({**settings, "base": "quantised"})
+        for name, expected in decoded["adapter"].items():
+            diff = np.linalg.norm(kept["adapter"][name] - expected) / max(np.linalg.norm(expected), 1e-6)
+            self.assertLess(diff, 1e-3, name)
+        decoded_metrics, kept_metrics = json.loads(decoded["metrics"]), json.loads(kept["metrics"])
+        for d, k in zip(decoded_metrics, kept_metrics):
+            self.assertAlmostEqual(d["train_loss"], k["train_loss"], delta=1e-4)
+        # The estimate counts the blocks as stored: a quarter of f32 for Q8_0's matrices.
+        self.assertLess(kept_metrics[-1]["memory_bytes"], decoded_metrics[-1]["memory_bytes"])
 
     def test_bad_replies_are_failed_clients(self):
         def corrupt(round, client, reply):
