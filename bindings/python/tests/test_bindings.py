@@ -11,7 +11,7 @@
 - a GGUF base kept quantised trains as the same file decoded to f32, with a smaller estimate.
 """
 import json
-import struct
+import sys
 import tempfile
 import threading
 import time
@@ -21,6 +21,10 @@ from pathlib import Path
 import numpy as np
 
 import devft_py
+
+# The Flower checker's safetensors reader (scripts/ is not a package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
+from flower_check import load_safetensors  # noqa: E402  pylint: disable=wrong-import-position
 
 SETTINGS = {
     "model": "tests/fixtures/tiny-llama",
@@ -54,9 +58,6 @@ def tiny_llama_q8_0_gguf(path):
     for every matrix whose rows split into 32-value blocks, F32 for the rest."""
     import gguf  # pylint: disable=import-outside-toplevel
 
-    data = Path("tests/fixtures/tiny-llama/model.safetensors").read_bytes()
-    (n,) = struct.unpack_from("<Q", data, 0)
-    header = json.loads(data[8 : 8 + n])
     config = json.loads(Path("tests/fixtures/tiny-llama/config.json").read_text())
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads = config["num_key_value_heads"]
@@ -80,12 +81,9 @@ def tiny_llama_q8_0_gguf(path):
     writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_context_length(config["max_position_embeddings"])
-    for name, info in header.items():
-        if name == "__metadata__" or name.endswith("rotary_emb.inv_freq"):
+    for name, w in load_safetensors(Path("tests/fixtures/tiny-llama/model.safetensors")).items():
+        if name.endswith("rotary_emb.inv_freq"):
             continue
-        begin, end = info["data_offsets"]
-        dtype = {"F32": "<f4", "F16": "<f2", "BF16": None}[info["dtype"]]
-        w = np.frombuffer(data[8 + n + begin : 8 + n + end], dtype=dtype).astype(np.float32).reshape(info["shape"])
         if name.endswith("q_proj.weight"):
             w = permute(w, heads)
         elif name.endswith("k_proj.weight"):
