@@ -213,15 +213,35 @@ pub(crate) fn scaled_matmul(
     dst
 }
 
-/// Products of at least this many multiply-adds (`m n k`) use gemm's own threads.
+/// Products of at least this many multiply-adds (`m n k`) use gemm's own threads, unless gemm
+/// would pack an operand serially first ([`packs_serially`]).
 #[cfg(feature = "flex")]
 const GEMM_THREADS_MIN: usize = 192 * 192 * 192;
 
-/// Smaller products of at least this many (a LoRA factor's, `512 x 576 x 8`: a tenth of a
-/// millisecond) are split into one block of rows (or columns) per thread, which gemm does not
-/// do for thin products; smaller ones, and those already on a pool thread, run as one call.
+/// Other products of at least this many (a LoRA factor's, `512 x 576 x 8`: a tenth of a
+/// millisecond) called outside the pool are split into one block of rows (or columns) per
+/// thread; smaller ones run as one call.
 #[cfg(feature = "flex")]
 const SPLIT_MIN: usize = 1 << 20;
+
+/// The fewest rows (or columns) a thread's block of a split product gets.
+#[cfg(feature = "flex")]
+const BLOCK_MIN: usize = 64;
+
+/// Whether gemm, running a product on its own threads, would first pack an operand on the
+/// calling thread alone while its pool waits. gemm multiplies into a column-major `dst`
+/// (transposing the problem when `dst` is row-major), and packs its left-hand operand up
+/// front unless that is column-major too: a row-major `dst` with a `rhs` read through a
+/// transposed view, as every input gradient `dy Wᵀ` of a frozen `W` is, packs all of `W`
+/// serially (gemm 0.19, `gemm_basic_generic`'s `do_prepack_lhs`).
+#[cfg(feature = "flex")]
+fn packs_serially(dst_at: Strided, lhs_at: Strided, rhs_at: Strided) -> bool {
+    if dst_at.col_stride < dst_at.row_stride {
+        rhs_at.col_stride != 1
+    } else {
+        lhs_at.row_stride != 1
+    }
+}
 
 #[cfg(feature = "flex")]
 /// A pointer moved into the tasks of [`product`], each of which writes its own block.
@@ -245,7 +265,8 @@ unsafe impl<T> Sync for SharedPtr<T> {}
 
 #[cfg(feature = "flex")]
 /// `dst (+)= scale lhs rhs` through gemm, threaded as [`GEMM_THREADS_MIN`] and [`SPLIT_MIN`]
-/// say.
+/// say: split, each thread packs its own block, so that a product [`packs_serially`] does not
+/// (`docs/performance.md`, lever 11).
 ///
 /// # Safety
 ///
@@ -263,8 +284,6 @@ unsafe fn product(
     rhs: *const f32,
     rhs_at: Strided,
 ) {
-    let work = m * n * k;
-    let threads = rayon::current_num_threads();
     let ptrs = SharedPtr((dst, lhs, rhs));
     let call = |[m, n]: [usize; 2], [dst_off, lhs_off, rhs_off]: [usize; 3], parallelism| {
         let (dst, lhs, rhs) = ptrs.get();
@@ -293,17 +312,20 @@ unsafe fn product(
             )
         }
     };
-    if work >= GEMM_THREADS_MIN {
+    let work = m * n * k;
+    let nested = rayon::current_thread_index().is_some();
+    if work >= GEMM_THREADS_MIN && (nested || !packs_serially(dst_at, lhs_at, rhs_at)) {
         return call([m, n], [0, 0, 0], gemm::Parallelism::Rayon(0));
     }
-    if work < SPLIT_MIN || threads < 2 || rayon::current_thread_index().is_some() {
-        return call([m, n], [0, 0, 0], gemm::Parallelism::None);
-    }
-    // One block of rows (or of columns, whichever is longer) per thread: the blocks write
-    // disjoint elements of dst.
+    // Split along the longer side of dst, so that each block stays wide.
     let by_rows = m >= n;
     let len = if by_rows { m } else { n };
-    let block = len.div_ceil(threads);
+    let blocks = rayon::current_num_threads().min(len / BLOCK_MIN);
+    if work < SPLIT_MIN || blocks < 2 || nested {
+        return call([m, n], [0, 0, 0], gemm::Parallelism::None);
+    }
+    // The blocks write disjoint elements of dst.
+    let block = len.div_ceil(blocks);
     rayon::scope(|scope| {
         for start in (0..len).step_by(block) {
             let size = block.min(len - start);
@@ -400,8 +422,10 @@ mod tests {
         out
     }
 
-    /// Thin products big enough to be split across threads (by rows, then by columns), with
-    /// and without accumulation, and the transposed view of an operand, equal the definition.
+    /// Products big enough to be split across threads (by rows, then by columns, thin and
+    /// wide, blocks of equal and unequal size) or for gemm's threads (the last), with and
+    /// without accumulation, and the transposed view of an operand (split whatever its
+    /// size), equal the definition.
     #[test]
     fn split_products_equal_the_definition() {
         let values = |len: usize, seed: usize| -> Vec<f32> {
@@ -409,8 +433,14 @@ mod tests {
                 .map(|i| ((i * 7 + seed * 13) % 23) as f32 / 23.0 - 0.5)
                 .collect()
         };
-        for [m, n, k] in [[640, 8, 600], [8, 700, 600]] {
-            assert!(m * n * k >= SPLIT_MIN && m * n * k < GEMM_THREADS_MIN);
+        for [m, n, k] in [
+            [640, 8, 600],
+            [8, 700, 600],
+            [301, 130, 40],
+            [300, 301, 40],
+            [200, 256, 160],
+        ] {
+            assert!(m * n * k >= SPLIT_MIN && m.max(n) >= 2 * BLOCK_MIN);
             let lhs = values(m * k, 1);
             let rhs = values(k * n, 2);
             let start = values(m * n, 3);
