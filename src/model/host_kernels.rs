@@ -264,8 +264,9 @@ unsafe impl<T> Send for SharedPtr<T> {}
 unsafe impl<T> Sync for SharedPtr<T> {}
 
 #[cfg(feature = "flex")]
-/// `dst (+)= scale lhs rhs` through gemm, threaded as [`GEMM_THREADS_MIN`] and [`SPLIT_MIN`]
-/// say: split, each thread packs its own block, so that a product [`packs_serially`] does not
+/// `dst (+)= scale lhs rhs` through gemm: products of at least [`GEMM_THREADS_MIN`] on gemm's
+/// own threads unless gemm [`packs_serially`]; those, and smaller ones of at least
+/// [`SPLIT_MIN`], split into one block per pool thread, each thread packing its own block
 /// (`docs/performance.md`, lever 11).
 ///
 /// # Safety
@@ -424,8 +425,8 @@ mod tests {
 
     /// Products big enough to be split across threads (by rows, then by columns, thin and
     /// wide, blocks of equal and unequal size) or for gemm's threads (the last), with and
-    /// without accumulation, and the transposed view of an operand (split whatever its
-    /// size), equal the definition.
+    /// without accumulation, and the transposed view of an operand (split at every size
+    /// here), equal the definition.
     #[test]
     fn split_products_equal_the_definition() {
         let values = |len: usize, seed: usize| -> Vec<f32> {
