@@ -228,6 +228,14 @@ const SPLIT_MIN: usize = 1 << 20;
 #[cfg(feature = "flex")]
 const BLOCK_MIN: usize = 64;
 
+/// The rows of each block when `n` rows are split into one block per pool thread, no block
+/// under [`BLOCK_MIN`] rows unless there is only one.
+#[cfg(feature = "flex")]
+pub(crate) fn rows_per_block(n: usize) -> usize {
+    let blocks = rayon::current_num_threads().min(n / BLOCK_MIN).max(1);
+    n.div_ceil(blocks).max(1)
+}
+
 /// Whether gemm, running a product on its own threads, would first pack an operand on the
 /// calling thread alone while its pool waits. gemm multiplies into a column-major `dst`
 /// (transposing the problem when `dst` is row-major), and packs its left-hand operand up
