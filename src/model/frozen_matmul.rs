@@ -261,7 +261,8 @@ mod flex {
         }
     }
 
-    /// `(y, x A)` with `y = base(x) + s (x A) B`, the update accumulated into `y` in place.
+    /// `(y, x A)` with `y = base(x) + s (x A) B`, the update accumulated into `y` in place, both
+    /// low-rank products of a block of rows ([`rows_per_block`]) on one pool thread.
     fn lora_forward(
         base: &Base,
         x: &[f32],
@@ -272,25 +273,37 @@ mod flex {
         let [d_in, d_out] = base.dims();
         let r = dims(a)[1];
         let n = x.len() / d_in;
+        let (a, b) = (values(a), values(b));
         let mut y = base.forward(x);
-        let xa = matmul(
-            [n, r, d_in],
-            x,
-            Strided::row_major(0, d_in),
-            values(a),
-            Strided::row_major(0, r),
-        );
-        scaled_matmul_into(
-            [n, d_out, r],
-            scaling,
-            &mut y,
-            Strided::row_major(0, d_out),
-            true,
-            &xa,
-            Strided::row_major(0, r),
-            values(b),
-            Strided::row_major(0, d_out),
-        );
+        let mut xa = vec![0.0f32; n * r];
+        let block = rows_per_block(n);
+        y.par_chunks_mut((block * d_out).max(1))
+            .zip(xa.par_chunks_mut((block * r).max(1)))
+            .enumerate()
+            .for_each(|(i, (y, xa))| {
+                let (start, rows) = (i * block, xa.len() / r);
+                matmul_into(
+                    [rows, r, d_in],
+                    xa,
+                    Strided::row_major(0, r),
+                    false,
+                    &x[start * d_in..(start + rows) * d_in],
+                    Strided::row_major(0, d_in),
+                    a,
+                    Strided::row_major(0, r),
+                );
+                scaled_matmul_into(
+                    [rows, d_out, r],
+                    scaling,
+                    y,
+                    Strided::row_major(0, d_out),
+                    true,
+                    xa,
+                    Strided::row_major(0, r),
+                    b,
+                    Strided::row_major(0, d_out),
+                );
+            });
         (y, xa)
     }
 
