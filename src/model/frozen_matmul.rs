@@ -89,8 +89,7 @@ mod flex {
     use rayon::prelude::*;
 
     use crate::model::host_kernels::{
-        Strided, matmul, matmul_into, rows_per_block, scaled_matmul, scaled_matmul_into, tensor,
-        values,
+        Strided, block_len, matmul, matmul_into, scaled_matmul, scaled_matmul_into, tensor, values,
     };
     use crate::model::quantised::QuantisedMatrix;
 
@@ -262,7 +261,8 @@ mod flex {
     }
 
     /// `(y, x A)` with `y = base(x) + s (x A) B`, the update accumulated into `y` in place, both
-    /// low-rank products of a block of rows ([`rows_per_block`]) on one pool thread.
+    /// low-rank products of a block of rows ([`block_len`]) on one pool thread (on the calling
+    /// thread where all rows make one block, as in token-by-token generation).
     fn lora_forward(
         base: &Base,
         x: &[f32],
@@ -276,34 +276,40 @@ mod flex {
         let (a, b) = (values(a), values(b));
         let mut y = base.forward(x);
         let mut xa = vec![0.0f32; n * r];
-        let block = rows_per_block(n);
-        y.par_chunks_mut((block * d_out).max(1))
-            .zip(xa.par_chunks_mut((block * r).max(1)))
-            .enumerate()
-            .for_each(|(i, (y, xa))| {
-                let (start, rows) = (i * block, xa.len() / r);
-                matmul_into(
-                    [rows, r, d_in],
-                    xa,
-                    Strided::row_major(0, r),
-                    false,
-                    &x[start * d_in..(start + rows) * d_in],
-                    Strided::row_major(0, d_in),
-                    a,
-                    Strided::row_major(0, r),
-                );
-                scaled_matmul_into(
-                    [rows, d_out, r],
-                    scaling,
-                    y,
-                    Strided::row_major(0, d_out),
-                    true,
-                    xa,
-                    Strided::row_major(0, r),
-                    b,
-                    Strided::row_major(0, d_out),
-                );
-            });
+        let block = block_len(n);
+        let update = |(i, (y, xa)): (usize, (&mut [f32], &mut [f32]))| {
+            let start = i * block;
+            let rows = block.min(n - start);
+            matmul_into(
+                [rows, r, d_in],
+                xa,
+                Strided::row_major(0, r),
+                false,
+                &x[start * d_in..(start + rows) * d_in],
+                Strided::row_major(0, d_in),
+                a,
+                Strided::row_major(0, r),
+            );
+            scaled_matmul_into(
+                [rows, d_out, r],
+                scaling,
+                y,
+                Strided::row_major(0, d_out),
+                true,
+                xa,
+                Strided::row_major(0, r),
+                b,
+                Strided::row_major(0, d_out),
+            );
+        };
+        if block >= n {
+            update((0, (&mut y, &mut xa)));
+        } else {
+            y.par_chunks_mut((block * d_out).max(1))
+                .zip(xa.par_chunks_mut((block * r).max(1)))
+                .enumerate()
+                .for_each(update);
+        }
         (y, xa)
     }
 
@@ -426,7 +432,7 @@ mod flex {
     }
 
     /// The low-rank part of the LoRA backward in one parallel region: for each block of rows
-    /// ([`rows_per_block`]), with `g = dy Bᵀ` of its rows, `dx += s g Aᵀ` (where `dx` is
+    /// ([`block_len`]), with `g = dy Bᵀ` of its rows, `dx += s g Aᵀ` (where `dx` is
     /// given) and the block's shares of `dA = s xᵀ g` and `dB = s (x A)ᵀ dy` (where wanted),
     /// the shares summed after. Each block reads its rows of `dy` once for both `g` and `dB`,
     /// and the four thin products share one hand-off to the pool instead of one each.
@@ -447,7 +453,7 @@ mod flex {
             values(&state.a),
             values(&state.b),
         );
-        let block = rows_per_block(n);
+        let block = block_len(n);
         let shares = |start: usize, dx: Option<&mut [f32]>| {
             let rows = block.min(n - start);
             let dy = &dy[start * d_out..(start + rows) * d_out];
@@ -496,6 +502,8 @@ mod flex {
             (da, db)
         };
         let blocks: Vec<_> = match dx {
+            // All rows in one block (token-by-token generation, small batches): no hand-off.
+            dx if block >= n => vec![shares(0, dx)],
             Some(dx) => dx
                 .par_chunks_mut((block * d_in).max(1))
                 .enumerate()

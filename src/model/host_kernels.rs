@@ -228,12 +228,13 @@ const SPLIT_MIN: usize = 1 << 20;
 #[cfg(feature = "flex")]
 const BLOCK_MIN: usize = 64;
 
-/// The rows of each block when `n` rows are split into one block per pool thread, no block
-/// under [`BLOCK_MIN`] rows unless there is only one.
+/// The length of each block when `len` rows (or columns) are split into one block per pool
+/// thread, no block under [`BLOCK_MIN`] unless there is only one (then `len` itself, or 1 for
+/// none).
 #[cfg(feature = "flex")]
-pub(crate) fn rows_per_block(n: usize) -> usize {
-    let blocks = rayon::current_num_threads().min(n / BLOCK_MIN).max(1);
-    n.div_ceil(blocks).max(1)
+pub(crate) fn block_len(len: usize) -> usize {
+    let blocks = rayon::current_num_threads().min(len / BLOCK_MIN).max(1);
+    len.div_ceil(blocks).max(1)
 }
 
 /// Whether gemm, running a product on its own threads, would first pack an operand on the
@@ -329,12 +330,11 @@ unsafe fn product(
     // Split along the longer side of dst, so that each block stays wide.
     let by_rows = m >= n;
     let len = if by_rows { m } else { n };
-    let blocks = rayon::current_num_threads().min(len / BLOCK_MIN);
-    if work < SPLIT_MIN || blocks < 2 || nested {
+    let block = block_len(len);
+    if work < SPLIT_MIN || block >= len || nested {
         return call([m, n], [0, 0, 0], gemm::Parallelism::None);
     }
     // The blocks write disjoint elements of dst.
-    let block = len.div_ceil(blocks);
     rayon::scope(|scope| {
         for start in (0..len).step_by(block) {
             let size = block.min(len - start);
