@@ -479,15 +479,22 @@ mod flex {
                     Strided::column_major(0, r),
                 );
             }
+            // dA's share column by column (`[r, d_in]` row-major), so that gemm's full-width
+            // kernel runs along `d_in` rather than along the rank.
             let da = g.filter(|_| want_a).map(|g| {
-                scaled_matmul(
+                let mut da = vec![0.0f32; d_in * r];
+                scaled_matmul_into(
                     [d_in, r, rows],
                     s,
+                    &mut da,
+                    Strided::column_major(0, d_in),
+                    false,
                     &x[start * d_in..(start + rows) * d_in],
                     Strided::column_major(0, d_in),
                     &g,
                     Strided::row_major(0, r),
-                )
+                );
+                da
             });
             let db = want_b.then(|| {
                 scaled_matmul(
@@ -514,15 +521,20 @@ mod flex {
                 .map(|i| shares(i * block, None))
                 .collect(),
         };
-        let mut da = want_a.then(|| vec![0.0f32; d_in * r]);
+        let mut da_columns = want_a.then(|| vec![0.0f32; d_in * r]);
         let mut db = want_b.then(|| vec![0.0f32; r * d_out]);
         for (block_da, block_db) in blocks {
-            for (sum, share) in [(&mut da, block_da), (&mut db, block_db)] {
+            for (sum, share) in [(&mut da_columns, block_da), (&mut db, block_db)] {
                 if let (Some(sum), Some(share)) = (sum.as_mut(), share) {
                     sum.iter_mut().zip(share).for_each(|(sum, x)| *sum += x);
                 }
             }
         }
+        let da = da_columns.map(|columns| {
+            (0..d_in * r)
+                .map(|i| columns[(i % r) * d_in + i / r])
+                .collect()
+        });
         (da, db)
     }
 

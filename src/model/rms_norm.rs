@@ -30,7 +30,7 @@ mod flex {
     use burn::tensor::Tensor;
     use rayon::prelude::*;
 
-    use crate::model::host_kernels::{tensor, values};
+    use crate::model::host_kernels::{tensor, values, values_mut};
 
     /// Rows per parallel task.
     const ROWS_PER_TASK: usize = 16;
@@ -60,9 +60,11 @@ mod flex {
     /// The normalised rows and each row's root mean square `sqrt(mean(x²) + eps)`.
     fn forward(x: &[f32], gamma: &[f32], epsilon: f64) -> (Vec<f32>, Vec<f32>) {
         let width = gamma.len();
-        let mut y = vec![0.0f32; x.len()];
         let mut rms = vec![0.0f32; x.len() / width];
-        y.par_chunks_mut(width * ROWS_PER_TASK)
+        // Written straight into fresh memory by the pool (no serial zeroing pass first).
+        let mut y = Vec::with_capacity(x.len());
+        y.spare_capacity_mut()[..x.len()]
+            .par_chunks_mut(width * ROWS_PER_TASK)
             .zip(rms.par_chunks_mut(ROWS_PER_TASK))
             .zip(x.par_chunks(width * ROWS_PER_TASK))
             .for_each(|((y, rms), x)| {
@@ -70,10 +72,13 @@ mod flex {
                     let mean_square = x.iter().map(|v| v * v).sum::<f32>() / width as f32;
                     *rms = (mean_square + epsilon as f32).sqrt();
                     for ((y, &x), &g) in y.iter_mut().zip(x).zip(gamma) {
-                        *y = x / *rms * g;
+                        y.write(x / *rms * g);
                     }
                 }
             });
+        // SAFETY: `x.len()` is a whole number of rows (the caller checks the last dimension),
+        // so the chunks of `y` and `x` pair up row for row and the loop wrote every element.
+        unsafe { y.set_len(x.len()) };
         (y, rms)
     }
 
@@ -108,38 +113,43 @@ mod flex {
         fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
             let [x_node, gamma_node] = ops.parents;
             let Saved { x, gamma, rms } = ops.state;
-            let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
-            let (dy, xs, g) = (values(&dy), values(&x), values(&gamma));
+            // `dy` is not needed after this pass: its buffer becomes `dx` (in place when the
+            // gradient holds the only reference to it).
+            let mut dy = grads.consume::<Flex>(&ops.node).to_contiguous();
+            let (xs, g) = (values(&x), values(&gamma));
             let width = g.len();
-            if let Some(node) = x_node {
-                let mut dx = vec![0.0f32; xs.len()];
-                dx.par_chunks_mut(width * ROWS_PER_TASK)
-                    .zip(dy.par_chunks(width * ROWS_PER_TASK))
-                    .zip(xs.par_chunks(width * ROWS_PER_TASK))
-                    .zip(rms.par_chunks(ROWS_PER_TASK))
-                    .for_each(|(((dx, dy), x), rms)| {
-                        let rows = dx
-                            .chunks_mut(width)
-                            .zip(dy.chunks(width))
-                            .zip(x.chunks(width));
-                        for (((dx, dy), x), &rms) in rows.zip(rms) {
+            let (want_dx, want_dgamma) = (x_node.is_some(), gamma_node.is_some());
+            // One pass: each task adds up its rows' share of `dgamma`, then overwrites its
+            // rows of `dy` with `dx`.
+            let dgamma_shares: Vec<Vec<f32>> = values_mut(&mut dy)
+                .par_chunks_mut(width * ROWS_PER_TASK)
+                .zip(xs.par_chunks(width * ROWS_PER_TASK))
+                .zip(rms.par_chunks(ROWS_PER_TASK))
+                .map(|((dy, x), rms)| {
+                    let mut dgamma = vec![0.0f32; if want_dgamma { width } else { 0 }];
+                    for ((dy, x), &rms) in dy.chunks_mut(width).zip(x.chunks(width)).zip(rms) {
+                        for ((dg, &d), &x) in dgamma.iter_mut().zip(dy.iter()).zip(x) {
+                            *dg += d * x / rms;
+                        }
+                        if want_dx {
                             let ux: f32 =
                                 dy.iter().zip(g).zip(x).map(|((d, g), x)| d * g * x).sum();
                             let coefficient = ux / (width as f32 * rms * rms * rms);
-                            for (((dx, &d), &g), &x) in dx.iter_mut().zip(dy).zip(g).zip(x) {
-                                *dx = d * g / rms - x * coefficient;
+                            for ((d, &g), &x) in dy.iter_mut().zip(g).zip(x) {
+                                *d = *d * g / rms - x * coefficient;
                             }
                         }
-                    });
-                grads.register::<Flex>(node.id, tensor(dx, x.shape()));
+                    }
+                    dgamma
+                })
+                .collect();
+            if let Some(node) = x_node {
+                grads.register::<Flex>(node.id, dy);
             }
             if let Some(node) = gamma_node {
                 let mut dgamma = vec![0.0f32; width];
-                let rows = dy.chunks(width).zip(xs.chunks(width)).zip(&rms);
-                for ((dy, x), &rms) in rows {
-                    for ((dg, &d), &x) in dgamma.iter_mut().zip(dy).zip(x) {
-                        *dg += d * x / rms;
-                    }
+                for share in dgamma_shares {
+                    dgamma.iter_mut().zip(share).for_each(|(sum, v)| *sum += v);
                 }
                 grads.register::<Flex>(node.id, tensor(dgamma, [width]));
             }

@@ -28,7 +28,7 @@ mod flex {
     use burn::tensor::Tensor;
     use rayon::prelude::*;
 
-    use crate::model::host_kernels::{exp, tensor, values};
+    use crate::model::host_kernels::{exp, tensor, values, values_mut};
 
     /// Elements per parallel task: large enough that a task outweighs its scheduling.
     const CHUNK: usize = 1 << 14;
@@ -52,14 +52,19 @@ mod flex {
 
     fn forward(gate: &FloatTensor<Flex>, up: &FloatTensor<Flex>) -> FloatTensor<Flex> {
         let (g, u) = (values(gate), values(up));
-        let mut y = vec![0.0f32; g.len()];
-        y.par_chunks_mut(CHUNK)
+        // Written straight into fresh memory by the pool (no serial zeroing pass first).
+        let mut y = Vec::with_capacity(g.len());
+        y.spare_capacity_mut()[..g.len()]
+            .par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(y, (g, u))| {
                 for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(g) * u;
+                    y.write(g * sigmoid(g) * u);
                 }
             });
+        // SAFETY: the chunks of `y`, `g` and `u` have equal lengths, so the loop wrote every
+        // one of the `g.len()` elements.
+        unsafe { y.set_len(g.len()) };
         tensor(y, gate.shape())
     }
 
@@ -79,31 +84,30 @@ mod flex {
         /// With `σ = sigmoid(g)`: `dg = dy u σ (1 + g (1 - σ))`, `du = dy g σ`.
         fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
             let [gate_node, up_node] = ops.parents;
-            let (gate, up) = ops.state;
+            // The saved inputs are not needed after this pass: their buffers become the
+            // gradients (in place when the state holds the only reference, as it does after
+            // the forward pass), `dg` over `gate` and `du` over `up`.
+            let (mut dg, mut du) = ops.state;
             let dy = grads.consume::<Flex>(&ops.node).to_contiguous();
-            let (dy, g, u) = (values(&dy), values(&gate), values(&up));
+            let dy = values(&dy);
             // Both gradients in one pass (registered only where an input needs one).
-            let mut dg = vec![0.0f32; g.len()];
-            let mut du = vec![0.0f32; g.len()];
-            dg.par_chunks_mut(CHUNK)
-                .zip(du.par_chunks_mut(CHUNK))
-                .enumerate()
-                .for_each(|(chunk, (dg, du))| {
-                    let at = chunk * CHUNK..chunk * CHUNK + dg.len();
-                    let inputs = dy[at.clone()].iter().zip(&g[at.clone()]).zip(&u[at]);
-                    for ((dg, du), ((&dy, &g), &u)) in dg.iter_mut().zip(du.iter_mut()).zip(inputs)
-                    {
+            values_mut(&mut dg)
+                .par_chunks_mut(CHUNK)
+                .zip(values_mut(&mut du).par_chunks_mut(CHUNK))
+                .zip(dy.par_chunks(CHUNK))
+                .for_each(|((dg, du), dy)| {
+                    for ((dg, du), &dy) in dg.iter_mut().zip(du.iter_mut()).zip(dy) {
+                        let (g, u) = (*dg, *du);
                         let s = sigmoid(g);
                         *du = dy * g * s;
                         *dg = dy * u * s * (1.0 + g * (1.0 - s));
                     }
                 });
-            let shape = gate.shape();
             if let Some(node) = gate_node {
-                grads.register::<Flex>(node.id, tensor(dg, shape.clone()));
+                grads.register::<Flex>(node.id, dg);
             }
             if let Some(node) = up_node {
-                grads.register::<Flex>(node.id, tensor(du, shape));
+                grads.register::<Flex>(node.id, du);
             }
         }
     }
