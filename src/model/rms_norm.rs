@@ -60,6 +60,10 @@ mod flex {
     /// The normalised rows and each row's root mean square `sqrt(mean(x²) + eps)`.
     fn forward(x: &[f32], gamma: &[f32], epsilon: f64) -> (Vec<f32>, Vec<f32>) {
         let width = gamma.len();
+        assert!(
+            width > 0 && x.len().is_multiple_of(width),
+            "rows as wide as gamma (the caller checks)"
+        );
         let mut rms = vec![0.0f32; x.len() / width];
         // Written straight into fresh memory by the pool (no serial zeroing pass first).
         let mut y = Vec::with_capacity(x.len());
@@ -76,8 +80,8 @@ mod flex {
                     }
                 }
             });
-        // SAFETY: `x.len()` is a whole number of rows (the caller checks the last dimension),
-        // so the chunks of `y` and `x` pair up row for row and the loop wrote every element.
+        // SAFETY: `x.len()` is a whole number of rows (asserted above), so the chunks of `y`
+        // and `x` pair up row for row, each with its `rms`, and the loop wrote every element.
         unsafe { y.set_len(x.len()) };
         (y, rms)
     }

@@ -52,6 +52,11 @@ mod flex {
 
     fn forward(gate: &FloatTensor<Flex>, up: &FloatTensor<Flex>) -> FloatTensor<Flex> {
         let (g, u) = (values(gate), values(up));
+        assert_eq!(
+            g.len(),
+            u.len(),
+            "gate and up of one shape (the caller checks)"
+        );
         // Written straight into fresh memory by the pool (no serial zeroing pass first).
         let mut y = Vec::with_capacity(g.len());
         y.spare_capacity_mut()[..g.len()]
