@@ -433,8 +433,8 @@ mod flex {
 
     /// The low-rank part of the LoRA backward in one parallel region: for each block of rows
     /// ([`block_len`]), with `g = dy Bᵀ` of its rows, `dx += s g Aᵀ` (where `dx` is
-    /// given) and the block's shares of `dA = s xᵀ g` and `dB = s (x A)ᵀ dy` (where wanted),
-    /// the shares summed after. Each block reads its rows of `dy` once for both `g` and `dB`,
+    /// given) and the block's shares of `dA = s xᵀ g` (built transposed) and
+    /// `dB = s (x A)ᵀ dy` (where wanted), the shares summed after. Each block reads its rows of `dy` once for both `g` and `dB`,
     /// and the four thin products share one hand-off to the pool instead of one each.
     fn low_rank_backward(
         state: &LoraState,
@@ -479,22 +479,17 @@ mod flex {
                     Strided::column_major(0, r),
                 );
             }
-            // dA's share column by column (`[r, d_in]` row-major), so that gemm's full-width
+            // dA's share transposed, `s gᵀ x` `[r, d_in]` (as dB's), so that gemm's full-width
             // kernel runs along `d_in` rather than along the rank.
-            let da = g.filter(|_| want_a).map(|g| {
-                let mut da = vec![0.0f32; d_in * r];
-                scaled_matmul_into(
-                    [d_in, r, rows],
+            let da_t = g.filter(|_| want_a).map(|g| {
+                scaled_matmul(
+                    [r, d_in, rows],
                     s,
-                    &mut da,
-                    Strided::column_major(0, d_in),
-                    false,
-                    &x[start * d_in..(start + rows) * d_in],
-                    Strided::column_major(0, d_in),
                     &g,
-                    Strided::row_major(0, r),
-                );
-                da
+                    Strided::column_major(0, r),
+                    &x[start * d_in..(start + rows) * d_in],
+                    Strided::row_major(0, d_in),
+                )
             });
             let db = want_b.then(|| {
                 scaled_matmul(
@@ -506,7 +501,7 @@ mod flex {
                     Strided::row_major(0, d_out),
                 )
             });
-            (da, db)
+            (da_t, db)
         };
         let blocks: Vec<_> = match dx {
             // All rows in one block (token-by-token generation, small batches): no hand-off.
@@ -521,18 +516,18 @@ mod flex {
                 .map(|i| shares(i * block, None))
                 .collect(),
         };
-        let mut da_columns = want_a.then(|| vec![0.0f32; d_in * r]);
+        let mut da_t = want_a.then(|| vec![0.0f32; r * d_in]);
         let mut db = want_b.then(|| vec![0.0f32; r * d_out]);
-        for (block_da, block_db) in blocks {
-            for (sum, share) in [(&mut da_columns, block_da), (&mut db, block_db)] {
+        for (block_da_t, block_db) in blocks {
+            for (sum, share) in [(&mut da_t, block_da_t), (&mut db, block_db)] {
                 if let (Some(sum), Some(share)) = (sum.as_mut(), share) {
                     sum.iter_mut().zip(share).for_each(|(sum, x)| *sum += x);
                 }
             }
         }
-        let da = da_columns.map(|columns| {
+        let da = da_t.map(|da_t| {
             (0..d_in * r)
-                .map(|i| columns[(i % r) * d_in + i / r])
+                .map(|i| da_t[(i % r) * d_in + i / r])
                 .collect()
         });
         (da, db)
